@@ -1,0 +1,275 @@
+"""``optimize(model)``: trace with torch.fx, rewrite activations, keep the model's structure."""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from .report import RewriteReport, Uncovered
+from .rewrite import has_hooks, rewrite_graph, swap_modules
+from .rules import Rule, rules_for
+
+__all__ = ["optimize", "RewrittenModule"]
+
+# Per-module containers that a shallow copy would otherwise share with the original.
+_CONTAINERS = (
+    "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class RewrittenModule(fx.GraphModule):
+    """What :func:`optimize` returns: a GraphModule with the original's module tree.
+
+    Submodule names, parameters and buffers are the original's (shared, not
+    copied), so ``state_dict()`` keys are identical. Where the model's own code
+    reads ``self.training`` (stochastic depth, ``F.dropout(training=...)``), FX
+    bakes the flag into the graph, so one graph per mode is kept and
+    ``train()``/``eval()`` switch between them.
+    """
+
+    def train(self, mode: bool = True) -> "RewrittenModule":
+        graphs = self.__dict__.get("_mode_graphs")
+        if graphs is not None and self.graph is not graphs[mode]:
+            self.graph = graphs[mode]  # the setter recompiles forward
+        return super().train(mode)
+
+
+class _LeafTracer(fx.Tracer):
+    """``symbolic_trace``'s tracer that also keeps hooked modules and ``leaves`` as calls.
+
+    Hooked modules stay ``call_module`` so their hooks keep running. When tracing
+    fails, ``failed_in`` names the innermost module whose code raised.
+    """
+
+    def __init__(self, leaves: Set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.failed_in: Optional[str] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or has_hooks(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def _clone_tree(module: nn.Module, memo: Optional[Dict[int, nn.Module]] = None) -> nn.Module:
+    """New module objects with the same classes and attributes, sharing every tensor.
+
+    Train/eval flags, attributes set during tracing and swapped submodules then
+    stay with the copy; parameters and buffers are the same tensor objects.
+    """
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = object.__new__(type(module))
+    new.__dict__.update(module.__dict__)
+    memo[id(module)] = new
+    for name in _CONTAINERS:
+        if name in module.__dict__:
+            new.__dict__[name] = copy.copy(module.__dict__[name])
+    new.__dict__["_modules"] = {
+        k: None if v is None else _clone_tree(v, memo) for k, v in module._modules.items()
+    }
+    return new
+
+
+def _snapshot(root: nn.Module):
+    return [(m, dict(m.__dict__)) for m in root.modules()]
+
+
+def _restore(snapshot) -> None:
+    # Tracing runs the model's Python, which may cache values (even Proxies) on
+    # modules; put every module's attributes back as they were.
+    for m, saved in snapshot:
+        m.__dict__.clear()
+        m.__dict__.update(saved)
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _RootUntraceable(Exception):
+    pass
+
+
+def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants: Dict[str, object]) -> fx.Graph:
+    """Trace ``root``; each module whose code cannot be traced becomes a leaf, and tracing restarts.
+
+    Tensor constants the tracer stores on ``root`` move to ``constants``, renamed
+    so that the graphs of several traces never share a name for different values.
+    """
+    while True:
+        tracer = _LeafTracer(leaves)
+        snapshot = _snapshot(root)
+        try:
+            graph = tracer.trace(root)
+            for node in graph.nodes:
+                # The tracer adds its constants to the root's own __dict__ only.
+                if node.op == "get_attr" and node.target in root.__dict__ and node.target not in snapshot[0][1]:
+                    value = root.__dict__[node.target]
+                    node.target = f"_tensor_constant{len(constants)}"
+                    constants[node.target] = value
+            return graph
+        except Exception as e:
+            if not tracer.failed_in:
+                raise _RootUntraceable(_first_line(e)) from e
+            leaves.add(tracer.failed_in)
+            reasons[tracer.failed_in] = _first_line(e)
+        finally:
+            _restore(snapshot)
+
+
+def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
+    """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants."""
+    flags = [(m, m.training) for m in root.modules()]
+    modes: List[object] = ["current", True, False]
+    leaves: Set[str] = set()
+    reasons: Dict[str, str] = {}
+    constants: Dict[str, object] = {}
+    try:
+        while True:
+            graphs = {}
+            n_leaves = len(leaves)
+            for mode in modes:
+                if mode == "current":
+                    for m, f in flags:
+                        m.training = f
+                else:
+                    root.train(mode)
+                graphs[mode] = _trace(root, leaves, reasons, constants)
+            if len(leaves) == n_leaves:  # every mode agreed on the same leaves
+                return graphs, reasons, constants
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constants: Dict[str, object]) -> RewrittenModule:
+    for name, value in constants.items():
+        root.__dict__[name] = value  # as the tracer left them: plain attributes, not buffers
+    gm = RewrittenModule(root, graph, class_name=type(root).__name__)
+    # GraphModule copies only what the graph uses, into fresh containers, and turns
+    # every get_attr tensor into a persistent buffer. Take the original tree instead,
+    # so names, unused submodules and persistence are exactly the original's.
+    for name in _CONTAINERS:
+        if name in root.__dict__:
+            gm.__dict__[name] = copy.copy(root.__dict__[name])
+    gm._modules.clear()
+    gm._modules.update(root._modules)
+    for g in graphs:
+        for node in g.nodes:
+            if node.op == "get_attr" and "." not in node.target and not hasattr(gm, node.target):
+                setattr(gm, node.target, getattr(root, node.target))
+    for key, value in root.__dict__.items():
+        # Plain attributes (num_classes, ...) that user code may still read.
+        if key not in gm.__dict__ and key != "forward":
+            gm.__dict__[key] = value
+    gm.training = root.training
+    return gm
+
+
+def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Module:
+    """Return a copy of ``model`` whose activations save their output, not their input, for backward.
+
+    The model is traced with ``torch.fx``; every softplus, sigmoid and logsigmoid
+    spelling (see :mod:`graph_rewrite.rules`) becomes a ``torch.ops.graph_rewrite``
+    op. ``model`` itself is not modified: the result has new module objects but
+    shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
+    mode, and carries ``.rewrite_report``. Modules FX cannot trace are kept as
+    calls, with their activation modules swapped, and a warning names them.
+
+    Args:
+        model: any ``nn.Module`` (not a ``torch.jit.ScriptModule``).
+        ops: the rule names to apply, e.g. ``["softplus"]``; default all.
+
+    Returns:
+        A :class:`RewrittenModule` (a ``torch.fx.GraphModule``), or, when the
+        model's own ``forward`` cannot be traced, a copy of the model with
+        activation modules swapped.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.Softplus(), nn.Linear(8, 1))
+        >>> lean = optimize(model)
+        >>> lean.rewrite_report.counts()
+        {'graph_rewrite.softplus': 1}
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "optimize() takes the eager nn.Module, not a TorchScript module: "
+            "call optimize(model) first, then torch.jit.script() the result"
+        )
+    rules: Tuple[Rule, ...] = rules_for(ops)
+    root = _clone_tree(model)
+    report = RewriteReport()
+    try:
+        if "forward" in model.__dict__:
+            raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
+        graphs, reasons, constants = _trace_modes(root)
+    except _RootUntraceable as e:
+        replaced, left = swap_modules(root, rules)
+        report = RewriteReport("not traced: activation modules swapped", replaced, left, [Uncovered("", str(e))])
+        _warn_uncovered(report)
+        root.rewrite_report = report
+        return root
+
+    modules = dict(root.named_modules())
+    seen = set()
+    codes = {}
+    for mode, graph in graphs.items():
+        replaced, left = rewrite_graph(graph, modules, rules)
+        # The mode graphs mostly repeat each other: report each call site once.
+        for rec in replaced:
+            if (rec.node, rec.where) not in seen:
+                seen.add((rec.node, rec.where))
+                report.replaced.append(rec)
+        for rec in left:
+            if (rec.node, rec.where, rec.reason) not in seen:
+                seen.add((rec.node, rec.where, rec.reason))
+                report.left_alone.append(rec)
+        codes[mode] = graph.python_code("self").src
+    for path in sorted(reasons):
+        replaced, left = swap_modules(modules[path], rules, path)
+        report.replaced += replaced
+        report.left_alone += left
+        report.uncovered.append(Uncovered(path, reasons[path]))
+    if reasons:
+        report.tracing = f"partial: {len(reasons)} module(s) kept as calls"
+
+    gm = _build(root, graphs["current"], list(graphs.values()), constants)
+    if len(set(codes.values())) > 1:  # the code reads self.training somewhere
+        gm._mode_graphs = {
+            True: graphs["current"] if codes[True] == codes["current"] else graphs[True],
+            False: graphs["current"] if codes[False] == codes["current"] else graphs[False],
+        }
+    gm.rewrite_report = report
+    _warn_uncovered(report)
+    return gm
+
+
+def _warn_uncovered(report: RewriteReport) -> None:
+    if report.uncovered:
+        names = ", ".join(u.module or "<root>" for u in report.uncovered)
+        warnings.warn(
+            f"graph_rewrite: FX could not trace {names}; activation modules inside were swapped, "
+            "functional activation calls there stay native (see .rewrite_report)",
+            stacklevel=3,
+        )

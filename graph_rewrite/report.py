@@ -1,0 +1,81 @@
+"""What a rewrite did: each replaced node, each match left alone, and what no graph covered.
+
+``print(optimize(model).rewrite_report)`` gives a readable table.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List
+
+from tabulate import tabulate
+
+__all__ = ["Replaced", "LeftAlone", "Uncovered", "RewriteReport"]
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """A node now calling a lean op. ``where`` is the module path or the call site's module."""
+
+    node: str
+    where: str
+    original: str
+    lean_op: str
+    args: Dict[str, float]
+
+
+@dataclass(frozen=True)
+class LeftAlone:
+    """A matching spelling that was not rewritten, and why."""
+
+    node: str
+    where: str
+    original: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Uncovered:
+    """A module whose own code is not in any graph, so functional calls in it stay native."""
+
+    module: str
+    reason: str
+
+
+@dataclass
+class RewriteReport:
+    """The record that travels with an optimized model as ``.rewrite_report``.
+
+    >>> report = optimize(model).rewrite_report   # doctest: +SKIP
+    >>> report.counts()                             # doctest: +SKIP
+    {'graph_rewrite.softplus': 4}
+    """
+
+    tracing: str = "whole model"
+    replaced: List[Replaced] = field(default_factory=list)
+    left_alone: List[LeftAlone] = field(default_factory=list)
+    uncovered: List[Uncovered] = field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        """Replaced nodes per lean op."""
+        return dict(Counter(r.lean_op for r in self.replaced))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [f"graph_rewrite: {len(self.replaced)} node(s) rewritten; tracing: {self.tracing}"]
+        if self.replaced:
+            rows = [
+                (r.node, r.where, r.original, r.lean_op, ", ".join(f"{k}={v:g}" for k, v in r.args.items()))
+                for r in self.replaced
+            ]
+            lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args")))
+        if self.left_alone:
+            lines.append("left alone:")
+            rows = [(r.node, r.where, r.original, r.reason) for r in self.left_alone]
+            lines.append(tabulate(rows, headers=("node", "where", "spelling", "reason")))
+        if self.uncovered:
+            lines.append("not traced (activation modules inside are swapped; functional calls stay native):")
+            lines.append(tabulate([(u.module or "<root>", u.reason) for u in self.uncovered], headers=("module", "reason")))
+        return "\n".join(lines)

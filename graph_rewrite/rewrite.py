@@ -1,0 +1,167 @@
+"""The FX pass: replace activation calls in a graph by the lean ops of the rules table."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch.nn as nn
+from torch.fx import Graph, Node
+
+from .report import LeftAlone, Replaced
+from .rules import RULES, Pattern, Rule, is_match, pattern_name
+
+__all__ = ["rewrite_graph", "has_hooks", "lean_op_name"]
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks that a plain function call would skip."""
+    return any(getattr(module, d, None) for d in _HOOK_DICTS)
+
+
+def lean_op_name(rule: Rule) -> str:
+    return f"graph_rewrite.{rule.name}"
+
+
+def _where(node: Node) -> str:
+    """The module path a node belongs to: its target for modules, else the innermost calling module."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1]
+        return path[0] if isinstance(path, tuple) else str(path)
+    return "<root>"
+
+
+def _find(node: Node, rules: Sequence[Rule], modules: Mapping[str, nn.Module]):
+    """The first (rule, pattern, inplace) whose pattern matches ``node``, else None."""
+    for rule in rules:
+        for inplace, patterns in ((False, rule.patterns), (True, rule.inplace)):
+            for pattern in patterns:
+                if is_match(node, pattern, modules):
+                    return rule, pattern, inplace
+    return None
+
+
+def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tuple[Node, Dict[str, float]]:
+    """(input node, op parameters) of a matched call; ``ValueError`` says why it cannot be rewritten."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if has_hooks(module):
+            raise ValueError("the module has hooks, which a function call would skip")
+        if len(node.args) + len(node.kwargs) != 1:
+            raise ValueError("called with more than one argument")
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        params = {k: getattr(module, k) for k in rule.params}
+    else:
+        try:
+            bound = rule.signature.bind(*node.args, **node.kwargs)
+        except TypeError as e:
+            raise ValueError(f"unexpected arguments ({e})") from None
+        bound.apply_defaults()
+        x, params = bound.arguments.pop("input"), dict(bound.arguments)
+    if not isinstance(x, Node):
+        raise ValueError("its input is a constant, not a graph value")
+    for k, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{k} is not a number known at trace time ({v!r})")
+    params = {k: float(v) for k, v in params.items()}
+    if rule.check is not None:
+        rule.check(**params)
+    return x, params
+
+
+def rewrite_graph(
+    graph: Graph,
+    modules: Mapping[str, nn.Module],
+    rules: Sequence[Rule] = RULES,
+) -> Tuple[List[Replaced], List[LeftAlone]]:
+    """Rewrite, in place, every activation call in ``graph`` that a rule matches.
+
+    Each matched node is turned into ``call_function(rule.op, (x, *params))``;
+    the node keeps its name and ``meta`` (plus ``meta["graph_rewrite"]``, what it
+    was), so printouts and later passes still recognise it. In-place spellings,
+    hooked modules and arguments the lean op cannot serve are left alone and
+    reported. The caller recompiles the owning ``GraphModule``.
+
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.Softplus()))  # doctest: +SKIP
+    >>> replaced, left = rewrite_graph(gm.graph, dict(gm.named_modules())); gm.recompile()  # doctest: +SKIP
+    """
+    replaced: List[Replaced] = []
+    left_alone: List[LeftAlone] = []
+    for node in list(graph.nodes):
+        found = _find(node, rules, modules)
+        if found is None:
+            continue
+        rule, pattern, inplace = found
+        original = pattern_name(pattern)
+        if inplace:
+            left_alone.append(LeftAlone(node.name, _where(node), original, "in-place: rewriting would drop the mutation of its input"))
+            continue
+        try:
+            x, params = _read_args(node, rule, modules)
+        except ValueError as e:
+            left_alone.append(LeftAlone(node.name, _where(node), original, str(e)))
+            continue
+        where = _where(node)
+        node.meta["graph_rewrite"] = {"was": original, "where": where}
+        node.op, node.target = "call_function", rule.op
+        node.args, node.kwargs = (x, *params.values()), {}
+        replaced.append(Replaced(node.name, where, original, lean_op_name(rule), params))
+    graph.lint()
+    return replaced, left_alone
+
+
+class LeanActivation(nn.Module):
+    """An activation module that calls a lean op; used where no graph covers the call."""
+
+    def __init__(self, op, params: Mapping[str, float], name: str) -> None:
+        super().__init__()
+        self.op, self.params, self.name = op, tuple(params.values()), name
+        self._param_names = tuple(params)
+
+    def forward(self, x):
+        return self.op(x, *self.params)
+
+    def extra_repr(self) -> str:
+        args = ", ".join(f"{k}={v:g}" for k, v in zip(self._param_names, self.params))
+        return f"graph_rewrite.{self.name}" + (f", {args}" if args else "")
+
+
+def swap_modules(
+    module: nn.Module, rules: Sequence[Rule] = RULES, prefix: str = ""
+) -> Tuple[List[Replaced], List[LeftAlone]]:
+    """Replace, in place, activation submodules of ``module`` by :class:`LeanActivation`.
+
+    The module-level counterpart of :func:`rewrite_graph`, for code FX cannot
+    trace: only ``call_module``-style spellings (``nn.Sigmoid`` and co.) can be
+    reached this way. Activation modules have no state, so ``state_dict()`` keys
+    do not change.
+    """
+    replaced: List[Replaced] = []
+    left_alone: List[LeftAlone] = []
+    for name, child in list(module.named_children()):
+        path = f"{prefix}.{name}" if prefix else name
+        match = next(
+            ((r, p) for r in rules for p in r.patterns if isinstance(p, type) and type(child) is p), None
+        )
+        if match is None:
+            sub = swap_modules(child, rules, path)
+            replaced += sub[0]
+            left_alone += sub[1]
+            continue
+        rule, pattern = match
+        params = {k: getattr(child, k) for k in rule.params}
+        try:
+            if has_hooks(child):
+                raise ValueError("the module has hooks, which a function call would skip")
+            if rule.check is not None:
+                rule.check(**params)
+        except ValueError as e:
+            left_alone.append(LeftAlone("-", path, pattern_name(pattern), str(e)))
+            continue
+        params = {k: float(v) for k, v in params.items()}
+        module._modules[name] = LeanActivation(rule.op, params, rule.name)
+        replaced.append(Replaced("-", path, pattern_name(pattern), lean_op_name(rule), params))
+    return replaced, left_alone
