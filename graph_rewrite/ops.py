@@ -141,7 +141,9 @@ def logsigmoid(x: Tensor) -> Tensor:
 
 @logsigmoid.register_fake
 def _(x: Tensor) -> Tensor:
-    return torch.empty_like(x)  # F.logsigmoid's meta also allocates its buffer
+    # Native logsigmoid returns a contiguous result even for channels_last input:
+    # take the native meta kernel's strides rather than guessing with empty_like.
+    return F.logsigmoid(x)
 
 
 def _logsigmoid_backward(ctx, grad: Tensor):
