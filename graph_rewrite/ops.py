@@ -136,14 +136,14 @@ sigmoid.register_autograd(_sigmoid_backward, setup_context=_save_output)
 @torch.library.custom_op("graph_rewrite::logsigmoid", mutates_args=())
 def logsigmoid(x: Tensor) -> Tensor:
     """``F.logsigmoid(x)`` whose backward keeps only the output (native keeps x and a buffer)."""
-    return F.logsigmoid(x)
+    return F.logsigmoid(x).contiguous()
 
 
 @logsigmoid.register_fake
 def _(x: Tensor) -> Tensor:
-    # Native logsigmoid returns a contiguous result even for channels_last input:
-    # take the native meta kernel's strides rather than guessing with empty_like.
-    return F.logsigmoid(x)
+    # The CPU kernel returns a contiguous result even for channels_last input, while
+    # PyTorch's own meta kernel claims channels_last (torch 2.15); the op pins contiguous.
+    return x.new_empty(x.shape)
 
 
 def _logsigmoid_backward(ctx, grad: Tensor):
