@@ -77,8 +77,8 @@ RULES: Tuple[Rule, ...] = (
         name="sigmoid",
         op=torch.ops.graph_rewrite.sigmoid,
         # F.sigmoid is a Python function that FX traces into x.sigmoid().
-        patterns=(nn.Sigmoid, torch.sigmoid, torch.special.expit, torch.Tensor.sigmoid, F.sigmoid, "sigmoid"),
-        inplace=(torch.sigmoid_, torch.Tensor.sigmoid_, "sigmoid_"),
+        patterns=(nn.Sigmoid, torch.sigmoid, torch.special.expit, F.sigmoid, "sigmoid"),
+        inplace=(torch.sigmoid_, "sigmoid_"),
     ),
     Rule(
         name="logsigmoid",

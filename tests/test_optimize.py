@@ -1,0 +1,371 @@
+"""optimize(): every spelling found, the original untouched, structure and modes kept."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graph_rewrite
+from graph_rewrite import optimize
+from graph_rewrite.memory import saved_bytes
+
+lean = torch.ops.graph_rewrite
+
+
+class Call(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.lin(x))
+
+
+# (spelling, module or function, lean op packet, expected op args after the input)
+SPELLINGS = [
+    ("nn.Softplus", nn.Softplus(beta=2.0, threshold=5.0), lean.softplus, (2.0, 5.0)),
+    ("F.softplus", lambda x: F.softplus(x), lean.softplus, (1.0, 20.0)),
+    ("F.softplus positional", lambda x: F.softplus(x, 3, 1), lean.softplus, (3.0, 1.0)),
+    ("F.softplus keywords", lambda x: F.softplus(x, threshold=2.0, beta=0.5), lean.softplus, (0.5, 2.0)),
+    ("F.softplus input keyword", lambda x: F.softplus(input=x, beta=2.0), lean.softplus, (2.0, 20.0)),
+    ("nn.Sigmoid", nn.Sigmoid(), lean.sigmoid, ()),
+    ("torch.sigmoid", lambda x: torch.sigmoid(x), lean.sigmoid, ()),
+    ("F.sigmoid", lambda x: F.sigmoid(x), lean.sigmoid, ()),
+    ("torch.special.expit", lambda x: torch.special.expit(x), lean.sigmoid, ()),
+    ("Tensor.sigmoid", lambda x: x.sigmoid(), lean.sigmoid, ()),
+    ("nn.LogSigmoid", nn.LogSigmoid(), lean.logsigmoid, ()),
+    ("F.logsigmoid", lambda x: F.logsigmoid(x), lean.logsigmoid, ()),
+]
+
+
+def _lean_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("graph_rewrite.")]
+
+
+@pytest.mark.parametrize("name,fn,op,args", SPELLINGS, ids=[s[0] for s in SPELLINGS])
+def test_every_spelling_is_rewritten(name, fn, op, args):
+    model = Call(fn)
+    gm = optimize(model)
+    nodes = _lean_nodes(gm)
+    assert len(nodes) == 1, gm.code
+    # The packet, not .default: TorchScript can script only the packet.
+    assert nodes[0].target is op
+    assert nodes[0].args[1:] == args
+    assert len(gm.rewrite_report.replaced) == 1
+    x = torch.randn(4, 6, requires_grad=True)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert "graph_rewrite" in gm.code
+
+
+def test_node_names_and_meta_are_kept():
+    model = Call(nn.Softplus())
+    plain = torch.fx.symbolic_trace(model)
+    gm = optimize(model)
+    assert [n.name for n in plain.graph.nodes] == [n.name for n in gm.graph.nodes]
+    (node,) = _lean_nodes(gm)
+    assert node.meta["graph_rewrite"] == {"was": "nn.Softplus", "where": "fn"}
+
+
+def test_inplace_sigmoid_is_left_alone_with_reason():
+    class M(nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.sigmoid_()
+            return torch.sigmoid_(y * 3)
+
+    gm = optimize(M())
+    assert not _lean_nodes(gm)
+    reasons = [r.reason for r in gm.rewrite_report.left_alone]
+    assert len(reasons) == 2 and all("in-place" in r for r in reasons)
+    x = torch.randn(5)
+    torch.testing.assert_close(gm(x), M()(x))
+
+
+def test_ops_selects_rules_and_rejects_unknown_names():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Softplus(), nn.Sigmoid(), nn.LogSigmoid())
+    gm = optimize(model, ops=["softplus"])
+    assert [n.target for n in _lean_nodes(gm)] == [lean.softplus]
+    assert {n.target for n in _lean_nodes(optimize(model))} == {lean.softplus, lean.sigmoid, lean.logsigmoid}
+    with pytest.raises(ValueError, match="unknown op"):
+        optimize(model, ops=["relu"])
+
+
+def test_not_a_module_is_a_type_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        optimize(lambda x: x)
+    with pytest.raises(TypeError, match="TorchScript"):
+        optimize(torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.Sigmoid())))
+
+
+def test_hooked_modules_and_subclasses_are_left_alone():
+    calls = []
+
+    class MySigmoid(nn.Sigmoid):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), MySigmoid())
+    model[1].register_forward_hook(lambda *a: calls.append(1))
+    gm = optimize(model)
+    # The hooked module stays a call; the subclass is not taken for nn.Sigmoid but
+    # traced through, so only the torch.sigmoid inside its forward is rewritten.
+    (node,) = _lean_nodes(gm)
+    assert node.meta["graph_rewrite"] == {"was": "torch.sigmoid", "where": "2"}
+    assert [(r.where, "hooks" in r.reason) for r in gm.rewrite_report.left_alone] == [("1", True)]
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(gm(x), model(x))
+    assert len(calls) == 2  # the hook ran for both calls
+
+
+def test_softplus_beta_it_cannot_serve_is_left_alone():
+    gm = optimize(Call(nn.Softplus(beta=0.0)))
+    assert not _lean_nodes(gm)
+    assert "beta" in gm.rewrite_report.left_alone[0].reason
+
+
+class Caching(nn.Module):
+    """Sets attributes during forward, as some real modules do."""
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.Softplus()
+        self.fail = fail
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.last_shape = x.shape
+        self.lin.seen = True
+        if self.fail and x.sum() > 0:  # data-dependent: FX cannot trace this
+            return x
+        return self.act(self.lin(x))
+
+
+def _state(model):
+    return [(name, m.training, dict(m.__dict__)) for name, m in model.named_modules()]
+
+
+def _same_state(before, after):
+    assert [(n, t) for n, t, _ in before] == [(n, t) for n, t, _ in after]
+    for (_, _, d0), (_, _, d1) in zip(before, after):
+        assert d0.keys() == d1.keys()
+        for k in d0:
+            assert d0[k] is d1[k] or d0[k] == d1[k], k
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["traced", "trace fails halfway"])
+def test_original_model_is_not_modified(fail):
+    model = Caching(fail)
+    model.lin.weight.grad = torch.ones_like(model.lin.weight)
+    before = _state(model)
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = optimize(model)
+    _same_state(before, _state(model))
+    assert type(model.act) is nn.Softplus and model.calls == 0 and not hasattr(model.lin, "seen")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd_before[k])
+    assert torch.equal(model.lin.weight.grad, torch.ones_like(model.lin.weight))
+    assert torch.equal(torch.get_rng_state(), rng)
+    # Parameters are shared, not copied; module objects are not.
+    assert result.lin.weight is model.lin.weight
+    assert result.lin is not model.lin
+    assert not hasattr(result, "last_shape")
+
+
+def test_state_dict_keys_and_checkpoints_are_identical():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid())
+            self.unused = nn.Linear(2, 2)
+            self.scale = nn.Parameter(torch.ones(1))
+            self.register_buffer("offset", torch.zeros(1))
+            self.register_buffer("scratch", torch.zeros(1), persistent=False)
+
+        def forward(self, x):
+            return self.block(x) * self.scale + self.offset + self.scratch
+
+    model = M()
+    gm = optimize(model)
+    assert list(gm.state_dict()) == list(model.state_dict())
+    assert [n for n, _ in gm.named_parameters()] == [n for n, _ in model.named_parameters()]
+    ckpt = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in M().state_dict().items()}
+    gm.load_state_dict(ckpt)  # a checkpoint of the original loads as is
+    assert torch.equal(model.block[0].weight, ckpt["block.0.weight"])  # shared tensors
+
+
+def test_train_eval_mode_is_kept_and_switches_baked_training_flags():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            # FX bakes self.training into the graph: one graph per mode is needed.
+            return torch.sigmoid(F.dropout(self.lin(x), 0.5, self.training))
+
+    model = M().eval()
+    gm = optimize(model)
+    assert not gm.training and not model.training
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    gm.train()
+    assert not model.training  # the original's mode is its own
+    torch.manual_seed(0)
+    a = gm(x)
+    torch.manual_seed(0)
+    b = model.train()(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a == 0.5).any()  # dropout zeroed something before the sigmoid
+    gm.eval()
+    torch.testing.assert_close(gm(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_untraceable_root_falls_back_to_module_swaps_with_warning():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.body(x)
+            return torch.sigmoid(x)
+
+    model = Root()
+    with pytest.warns(UserWarning, match="could not trace"):
+        out = optimize(model)
+    assert type(model.body[1]) is nn.Sigmoid  # original untouched
+    assert type(out.body[1]).__name__ == "LeanActivation"
+    assert out.rewrite_report.uncovered and out.rewrite_report.uncovered[0].module == ""
+    x = torch.rand(3, 4)
+    torch.testing.assert_close(out(x), model(x), rtol=0, atol=0)
+    assert list(out.state_dict()) == list(model.state_dict())
+
+
+def test_untraceable_submodule_becomes_a_call_and_the_rest_is_traced():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Softplus()
+
+        def forward(self, x):
+            return self.act(x) if x.sum() > 0 else x
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), Picky())
+    with pytest.warns(UserWarning, match="2"):
+        gm = optimize(model)
+    assert [n.target for n in _lean_nodes(gm)] == [lean.sigmoid]
+    assert [u.module for u in gm.rewrite_report.uncovered] == ["2"]
+    assert type(getattr(gm, "2").act).__name__ == "LeanActivation"
+    assert "partial" in gm.rewrite_report.tracing
+    x = torch.rand(3, 4)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_report_prints_a_table():
+    gm = optimize(nn.Sequential(nn.Linear(4, 4), nn.Softplus(beta=2.0)))
+    text = str(gm.rewrite_report)
+    assert "nn.Softplus" in text and "graph_rewrite.softplus" in text and "beta=2" in text
+    assert gm.rewrite_report.counts() == {"graph_rewrite.softplus": 1}
+
+
+def _mlp(n=4, width=1024):
+    layers = []
+    for _ in range(n):
+        layers += [nn.Linear(width, width), nn.Softplus()]
+    return nn.Sequential(*layers)
+
+
+def test_mlp_saves_exactly_one_activation_per_softplus():
+    torch.manual_seed(0)
+    model = _mlp()
+    gm = optimize(model)
+    x = torch.randn(256, 1024)
+    params = list(model.parameters())
+    activation = 256 * 1024 * 4
+    # Saved for backward: native keeps x, 4 softplus inputs and 3 outputs (the next
+    # Linear's inputs): 8 MiB. Lean keeps x and the 4 outputs: 5 MiB, the floor.
+    native, _ = saved_bytes(lambda: model(x), exclude=params)
+    ours, _ = saved_bytes(lambda: gm(x), exclude=params)
+    assert (native, ours) == (8 * activation, 5 * activation)
+    # Held between forward and backward (the output too): one activation less per softplus.
+    native, _ = saved_bytes(lambda: model(x), exclude=params, include_outputs=True)
+    ours, _ = saved_bytes(lambda: gm(x), exclude=params, include_outputs=True)
+    assert native - ours == 4 * activation
+
+
+def test_training_step_matches_native():
+    torch.manual_seed(0)
+    model = _mlp(3, 64)
+    gm = optimize(model)
+    ref = copy.deepcopy(model)
+    x = torch.randn(16, 64)
+    ref(x).square().sum().backward()
+    gm(x).square().sum().backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), gm.named_parameters()):
+        # float32 rounding differs at ~1e-7 of the gradient's scale; a missing chain-rule
+        # factor or a wrong slope is off by far more.
+        assert (q.grad - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), n
+
+
+def _compile_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Softplus(beta=2.0, threshold=3.0), nn.Linear(8, 8), nn.Sigmoid(),
+                         nn.Linear(8, 8), nn.LogSigmoid())
+
+
+def _check_same_step(ref_model, fn, x):
+    ref_model.zero_grad()
+    y_ref = ref_model(x)
+    y_ref.sum().backward()
+    grads = [p.grad.clone() for p in ref_model.parameters()]
+    ref_model.zero_grad()
+    y = fn(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, ref_model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_runs_under_torch_compile_fullgraph():
+    model = _compile_model()
+    gm = optimize(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, fullgraph=True)
+    _check_same_step(model, compiled, torch.randn(4, 8))
+
+
+def test_runs_under_torch_export():
+    model = _compile_model()
+    gm = optimize(model)
+    x = torch.randn(4, 8)
+    ep = torch.export.export(gm, (x,))
+    assert "graph_rewrite.softplus" in str(ep.graph)
+    _check_same_step(model, ep.module(), x)
+
+
+def test_runs_under_torch_jit_script():
+    model = _compile_model()
+    scripted = torch.jit.script(optimize(model))
+    assert "graph_rewrite::softplus" in str(scripted.graph)
+    _check_same_step(model, scripted, torch.randn(4, 8))
+
+
+def test_torchvision_sigmoid_models_are_rewritten():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.efficientnet_b0(weights=None)
+    gm = optimize(model)
+    assert gm.rewrite_report.counts() == {"graph_rewrite.sigmoid": 16}
+    assert list(gm.state_dict()) == list(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    model.eval(), gm.eval()
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    assert model.training is False
