@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -225,12 +227,81 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
         graphs, reasons, constants = _trace_modes(root)
     except _RootUntraceable as e:
-        replaced, left = swap_modules(root, rules)
-        report = RewriteReport("not traced: activation modules swapped", replaced, left, [Uncovered("", str(e))])
+        report = RewriteReport("root not traced", uncovered=[Uncovered("", str(e))])
+
+        def descend(child: nn.Module, path: str) -> bool:
+            return not _trace_on_its_own(child, path, rules, report)
+
+        replaced, left = swap_modules(root, rules, descend=descend)
+        report.replaced += replaced
+        report.left_alone += left
         _warn_uncovered(report)
         root.rewrite_report = report
         return root
+    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report)
+    _warn_uncovered(report)
+    return gm
 
+
+def _tensor_arity(module: nn.Module) -> Optional[int]:
+    """How many arguments ``forward`` takes if each is a positional ``Tensor`` without default, else None.
+
+    Only such modules are traced on their own: their code was written for tensors,
+    so a Proxy stands in for every argument faithfully.
+    """
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    tensor = (torch.Tensor, "Tensor", "torch.Tensor")
+    ok = params and all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty and p.annotation in tensor
+        for p in params
+    )
+    return len(params) if ok else None
+
+
+def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport) -> bool:
+    """Trace a submodule of untraceable code by itself and, if that rewrites something, run it.
+
+    The module keeps its class and methods (the untraceable caller may use them);
+    only its ``forward`` is replaced by a guard that runs the rewritten graph for
+    calls with exactly its tensors, and the class's own forward otherwise.
+    """
+    arity = _tensor_arity(child)
+    if arity is None:
+        return False
+    try:
+        graphs, reasons, constants = _trace_modes(child)
+    except _RootUntraceable:
+        return False
+    sub = RewriteReport()
+    gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub)
+    if not sub.replaced:
+        return True  # traced: nothing to rewrite in it, nothing left to search
+    original = type(child).forward.__get__(child)
+
+    def forward(*args, **kwargs):
+        if kwargs or len(args) != arity or not all(isinstance(a, torch.Tensor) for a in args):
+            return original(*args, **kwargs)
+        if gm.training != child.training:
+            gm.train(child.training)  # picks the graph for the mode, as RewrittenModule.train does
+        return gm(*args)
+
+    child.forward = forward
+    for rec in sub.replaced:
+        report.replaced.append(dataclasses.replace(rec, where=_join(path, rec.where)))
+    report.left_alone += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.left_alone]
+    report.uncovered += [Uncovered(_join(path, u.module), u.reason) for u in sub.uncovered]
+    return True
+
+
+def _join(prefix: str, path: str) -> str:
+    return prefix if path in ("", "<root>") else f"{prefix}.{path}"
+
+
+def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteReport) -> RewrittenModule:
+    """Rewrite every mode's graph, swap modules in the leaves FX could not enter, and build the result."""
     modules = dict(root.named_modules())
     seen = set()
     codes = {}
@@ -261,7 +332,6 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
             False: graphs["current"] if codes[False] == codes["current"] else graphs[False],
         }
     gm.rewrite_report = report
-    _warn_uncovered(report)
     return gm
 
 

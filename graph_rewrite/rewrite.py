@@ -130,14 +130,15 @@ class LeanActivation(nn.Module):
 
 
 def swap_modules(
-    module: nn.Module, rules: Sequence[Rule] = RULES, prefix: str = ""
+    module: nn.Module, rules: Sequence[Rule] = RULES, prefix: str = "", descend=None
 ) -> Tuple[List[Replaced], List[LeftAlone]]:
     """Replace, in place, activation submodules of ``module`` by :class:`LeanActivation`.
 
     The module-level counterpart of :func:`rewrite_graph`, for code FX cannot
     trace: only ``call_module``-style spellings (``nn.Sigmoid`` and co.) can be
     reached this way. Activation modules have no state, so ``state_dict()`` keys
-    do not change.
+    do not change. ``descend(child, path)``, when given, says whether to search a
+    non-activation child (False: it was covered some other way).
     """
     replaced: List[Replaced] = []
     left_alone: List[LeftAlone] = []
@@ -147,7 +148,9 @@ def swap_modules(
             ((r, p) for r in rules for p in r.patterns if isinstance(p, type) and type(child) is p), None
         )
         if match is None:
-            sub = swap_modules(child, rules, path)
+            if descend is not None and not descend(child, path):
+                continue
+            sub = swap_modules(child, rules, path, descend)
             replaced += sub[0]
             left_alone += sub[1]
             continue

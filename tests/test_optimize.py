@@ -369,3 +369,49 @@ def test_torchvision_sigmoid_models_are_rewritten():
     model.eval(), gm.eval()
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
     assert model.training is False
+
+
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(self.lin(x), beta=2.0) * 3
+
+    def helper(self):
+        return "still here"
+
+
+class UntypedBody(Body):
+    def forward(self, x):  # not annotated: tracing it alone could bake in a wrong assumption
+        return torch.sigmoid(self.lin(x))
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.untyped = Body(), UntypedBody()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: the root cannot be traced
+            x = x + 1
+        assert self.body.helper() == "still here"
+        return self.untyped(self.body(x))
+
+
+def test_untraceable_root_still_traces_tensor_only_submodules():
+    model = Detector()
+    with pytest.warns(UserWarning, match="root"):
+        out = optimize(model)
+    assert [(r.where, r.lean_op) for r in out.rewrite_report.replaced] == [("body", "graph_rewrite.softplus")]
+    assert type(out.body) is Body and "forward" not in model.body.__dict__  # class kept, original untouched
+    x = torch.randn(3, 4, requires_grad=True)
+    y, saved = None, []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = out(x)
+    torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    # The lean softplus ran: its input (the Linear's output) is not among the saved tensors.
+    lin_out = model.body.lin(x + (1 if x.sum() > 0 else 0))
+    assert not any(s.shape == lin_out.shape and torch.equal(s, lin_out) for s in saved)
+    assert list(out.state_dict()) == list(model.state_dict())
