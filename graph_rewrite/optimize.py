@@ -90,7 +90,11 @@ def _clone_tree(module: nn.Module, memo: Optional[Dict[int, nn.Module]] = None) 
 
 
 def _snapshot(root: nn.Module):
-    return [(m, dict(m.__dict__)) for m in root.modules()]
+    # Containers are copied too: forward code may register a buffer or module in place.
+    return [
+        (m, {k: copy.copy(v) if k in _CONTAINERS or k == "_modules" else v for k, v in m.__dict__.items()})
+        for m in root.modules()
+    ]
 
 
 def _restore(snapshot) -> None:

@@ -140,6 +140,7 @@ class Caching(nn.Module):
         self.calls += 1
         self.last_shape = x.shape
         self.lin.seen = True
+        self.register_buffer("cache", torch.zeros(1))  # mutates _buffers in place
         if self.fail and x.sum() > 0:  # data-dependent: FX cannot trace this
             return x
         return self.act(self.lin(x))
@@ -176,7 +177,8 @@ def test_original_model_is_not_modified(fail):
     # Parameters are shared, not copied; module objects are not.
     assert result.lin.weight is model.lin.weight
     assert result.lin is not model.lin
-    assert not hasattr(result, "last_shape")
+    assert not hasattr(result, "last_shape") and "cache" not in dict(result.named_buffers())
+    assert "cache" not in model._buffers
 
 
 def test_state_dict_keys_and_checkpoints_are_identical():
