@@ -1,0 +1,152 @@
+"""Command line: optimize a model, show what changed, verify it.
+
+    graph-rewrite efficientnet_b0 --shape 2,3,224,224 --show-graph
+    python -m graph_rewrite mypkg.models:build --weights ckpt.pt --ops softplus
+
+Exit status 0 when verification passed, 1 when a check failed, 2 for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import warnings
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["main", "build_model", "load_weights"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Steps:
+    """A one-line progress bar on stderr: ``[2/4] tracing ... 3.1s``."""
+
+    def __init__(self, total: int, stream=sys.stderr) -> None:
+        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.perf_counter()
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        bar = "#" * self.done + "." * (self.total - self.done)
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total} {label:<28} {time.perf_counter() - self.t0:6.1f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def build_model(spec: str) -> nn.Module:
+    """A torchvision model name (built with ``weights=None``: never a download) or ``package.module:factory``.
+
+    >>> build_model("resnet18")                      # doctest: +SKIP
+    >>> build_model("mypkg.models:make_net")         # doctest: +SKIP
+    """
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot import {spec!r}: {e}") from None
+        model = factory()
+    else:
+        try:
+            import torchvision
+        except ImportError:
+            raise ValueError(f"{spec!r} looks like a torchvision name, but torchvision is not installed") from None
+        if spec not in torchvision.models.list_models():
+            raise ValueError(f"unknown model {spec!r}: give a torchvision name or package.module:factory")
+        try:  # detection and segmentation builders also download a backbone unless told not to
+            model = torchvision.models.get_model(spec, weights=None, weights_backbone=None)
+        except TypeError:
+            model = torchvision.models.get_model(spec, weights=None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a local state_dict file (also one nested under "state_dict" or "model") into ``model``, strictly."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no weights file at {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read weights from {path}: {e}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the model: {str(e).splitlines()[0]}") from None
+
+
+def _shape(text: str) -> List[int]:
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: use e.g. 2,3,224,224") from None
+    if not dims or any(d < 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}")
+    return dims
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graph-rewrite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="torchvision model name (e.g. efficientnet_b0) or package.module:factory")
+    p.add_argument("--shape", type=_shape, default=[2, 3, 224, 224], help="input shape (default 2,3,224,224)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--ops", nargs="+", default=None, help="rules to apply (default all): softplus sigmoid logsigmoid")
+    p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load first (no downloads)")
+    p.add_argument("--mode", choices=["train", "eval"], default="train", help="model mode while verifying")
+    p.add_argument("--show-graph", action="store_true", help="print the rewritten regions of the graph")
+    p.add_argument("--time", type=int, default=0, metavar="N", help="also time N forward+backward iterations")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .optimize import optimize
+    from .printout import graph_diff
+    from .verify import verify
+
+    steps = Steps(4)
+    try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but CUDA is not available here")
+        steps(f"building {args.model}")
+        model = build_model(args.model)
+        if args.weights:
+            load_weights(model, args.weights)
+        model = model.to(device=args.device, dtype=DTYPES[args.dtype]).train(args.mode == "train")
+        steps("tracing and rewriting")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lean = optimize(model, ops=args.ops)
+        steps("verifying")
+        gen = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(args.shape, generator=gen).to(device=args.device, dtype=DTYPES[args.dtype])
+        report = verify(model, lean, x, seed=args.seed, time_iters=args.time)
+        steps("done")
+    except (ValueError, TypeError) as e:
+        steps.close()
+        print(f"graph-rewrite: error: {e}", file=sys.stderr)
+        return 2
+    steps.close()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    print(lean.rewrite_report)
+    if args.show_graph:
+        print()
+        print(graph_diff(model, lean))
+    print()
+    print(report)
+    return 0 if report.ok else 1
