@@ -43,6 +43,59 @@ class RewrittenModule(fx.GraphModule):
             self.graph = graphs[mode]  # the setter recompiles forward
         return super().train(mode)
 
+    # GraphModule's own copy and pickle rebuild from the graph, keeping only the
+    # submodules it uses; these keep the whole tree, the mode graphs and the report.
+    def __deepcopy__(self, memo):
+        res = RewrittenModule.__new__(RewrittenModule)  # a fresh per-instance class for forward
+        memo[id(self)] = res
+        state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+        res.__dict__.update(copy.deepcopy(state, memo))
+        res.__class__.__name__ = type(self).__name__
+        res.graph = copy.deepcopy(self.graph, memo)
+        return res
+
+    def __reduce__(self):
+        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_mode_graphs")}
+        graphs = self.__dict__.get("_mode_graphs")
+        codes = {m: g.python_code("self").src for m, g in graphs.items()} if graphs else None
+        return (_unpickle, (body, self.code, codes, type(self).__name__))
+
+
+def _graph_from_code(body: dict, code: str) -> fx.Graph:
+    # What GraphModule's own unpickling does: run the saved code once and trace it.
+    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+
+    return _deserialize_graph_module(_forward_from_src("import torch\n" + code, {}), body).graph
+
+
+def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str) -> "RewrittenModule":
+    # Lives in this module, so unpickling imports graph_rewrite and registers the ops.
+    res = RewrittenModule.__new__(RewrittenModule)
+    res.__dict__.update(body)
+    res.__class__.__name__ = class_name
+    res.graph = _graph_from_code(body, code)
+    if mode_codes is not None:
+        res._mode_graphs = {
+            m: res.graph if c == code else _graph_from_code(body, c) for m, c in mode_codes.items()
+        }
+    return res
+
+
+class _GuardedForward:
+    """``forward`` of a submodule traced on its own: the rewritten graph for calls with
+    exactly its tensors, the class's own forward for anything else. A class, not a
+    closure, so the model still pickles and deep-copies."""
+
+    def __init__(self, module: nn.Module, gm: "RewrittenModule", arity: int) -> None:
+        self.module, self.gm, self.arity = module, gm, arity
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or len(args) != self.arity or not all(isinstance(a, torch.Tensor) for a in args):
+            return type(self.module).forward(self.module, *args, **kwargs)
+        if self.gm.training != self.module.training:
+            self.gm.train(self.module.training)  # picks the graph for the mode
+        return self.gm(*args)
+
 
 class _LeafTracer(fx.Tracer):
     """``symbolic_trace``'s tracer that also keeps hooked modules and ``leaves`` as calls.
@@ -51,9 +104,9 @@ class _LeafTracer(fx.Tracer):
     fails, ``failed_in`` names the innermost module whose code raised.
     """
 
-    def __init__(self, leaves: Set[str]) -> None:
+    def __init__(self, leaves: Optional[Set[str]] = None) -> None:  # FX's unpickling calls it bare
         super().__init__()
-        self.leaves = leaves
+        self.leaves = set() if leaves is None else leaves
         self.failed_in: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -283,16 +336,7 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub)
     if not sub.replaced:
         return True  # traced: nothing to rewrite in it, nothing left to search
-    original = type(child).forward.__get__(child)
-
-    def forward(*args, **kwargs):
-        if kwargs or len(args) != arity or not all(isinstance(a, torch.Tensor) for a in args):
-            return original(*args, **kwargs)
-        if gm.training != child.training:
-            gm.train(child.training)  # picks the graph for the mode, as RewrittenModule.train does
-        return gm(*args)
-
-    child.forward = forward
+    child.forward = _GuardedForward(child, gm, arity)
     for rec in sub.replaced:
         report.replaced.append(dataclasses.replace(rec, where=_join(path, rec.where)))
     report.left_alone += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.left_alone]
