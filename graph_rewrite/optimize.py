@@ -104,6 +104,10 @@ class _LeafTracer(fx.Tracer):
     fails, ``failed_in`` names the innermost module whose code raised.
     """
 
+    # Buffers as graph values: an in-place update (self.count.add_(1)) is then recorded
+    # in the graph instead of running on the user's shared tensor while tracing.
+    proxy_buffer_attributes = True
+
     def __init__(self, leaves: Optional[Set[str]] = None) -> None:  # FX's unpickling calls it bare
         super().__init__()
         self.leaves = set() if leaves is None else leaves

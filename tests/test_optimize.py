@@ -417,3 +417,21 @@ def test_untraceable_root_still_traces_tensor_only_submodules():
     lin_out = model.body.lin(x + (1 if x.sum() > 0 else 0))
     assert not any(s.shape == lin_out.shape and torch.equal(s, lin_out) for s in saved)
     assert list(out.state_dict()) == list(model.state_dict())
+
+
+def test_in_place_buffer_updates_stay_in_the_graph_and_off_the_original():
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("count", torch.zeros(1))
+
+        def forward(self, x):
+            self.count.add_(1)
+            return torch.sigmoid(x + self.count)
+
+    model = Counter()
+    gm = optimize(model)
+    assert model.count.item() == 0  # tracing (three modes) did not run the update
+    x = torch.zeros(2)
+    torch.testing.assert_close(gm(x), torch.sigmoid(x + 1))
+    assert model.count.item() == 1  # the optimized model updates the shared buffer, once per call
