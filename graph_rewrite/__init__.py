@@ -1,13 +1,19 @@
 """graph_rewrite: activations that save their output, not their input, for backward.
 
 >>> import graph_rewrite
->>> lean = graph_rewrite.optimize(model)         # doctest: +SKIP
->>> print(lean.rewrite_report)                   # doctest: +SKIP
+>>> lean = graph_rewrite.optimize(model)                     # doctest: +SKIP
+>>> print(lean.rewrite_report)                               # doctest: +SKIP
+>>> print(graph_rewrite.verify(model, lean, x))              # doctest: +SKIP
+
+The modules are named for what they do (``transform``, ``verification``) so that
+``graph_rewrite.optimize`` and ``graph_rewrite.verify`` are the functions.
 """
 from . import ops
-from .optimize import RewrittenModule, optimize
+from .printout import graph_diff
+from .transform import RewrittenModule, optimize
+from .verification import VerificationReport, verify
 from .report import RewriteReport
 from .rules import RULES, Rule
 
-__all__ = ["optimize", "RewrittenModule", "RewriteReport", "RULES", "Rule", "ops"]
+__all__ = ["optimize", "verify", "graph_diff", "RewrittenModule", "RewriteReport", "VerificationReport", "RULES", "Rule", "ops"]
 __version__ = "0.1.0"

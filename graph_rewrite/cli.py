@@ -114,9 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from .optimize import optimize
+    from .transform import optimize
     from .printout import graph_diff
-    from .verify import verify
+    from .verification import verify
 
     steps = Steps(4)
     try:
@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(lean.rewrite_report)
     if args.show_graph:
         print()
-        print(graph_diff(model, lean))
+        print(graph_diff(model, lean, table=False))
     print()
     print(report)
     return 0 if report.ok else 1
