@@ -201,7 +201,9 @@ def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants
 def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
     """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants."""
     flags = [(m, m.training) for m in root.modules()]
-    modes: List[object] = ["current", True, False]
+    uniform = {f for _, f in flags}
+    # With uniform flags "current" is one of the two modes: two traces, not three.
+    modes: List[object] = [True, False] if len(uniform) == 1 else ["current", True, False]
     leaves: Set[str] = set()
     reasons: Dict[str, str] = {}
     constants: Dict[str, object] = {}
@@ -217,7 +219,8 @@ def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str
                     root.train(mode)
                 graphs[mode] = _trace(root, leaves, reasons, constants)
             if len(leaves) == n_leaves:  # every mode agreed on the same leaves
-                return graphs, reasons, constants
+                current = graphs.pop("current") if "current" in graphs else graphs[next(iter(uniform))]
+                return {"current": current, **graphs}, reasons, constants
     finally:
         for m, f in flags:
             m.training = f
@@ -357,18 +360,21 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     modules = dict(root.named_modules())
     seen = set()
     codes = {}
+    code_of: Dict[int, str] = {}  # a graph may serve two modes: rewrite it once
     for mode, graph in graphs.items():
-        replaced, left = rewrite_graph(graph, modules, rules)
-        # The mode graphs mostly repeat each other: report each call site once.
-        for rec in replaced:
-            if (rec.node, rec.where) not in seen:
-                seen.add((rec.node, rec.where))
-                report.replaced.append(rec)
-        for rec in left:
-            if (rec.node, rec.where, rec.reason) not in seen:
-                seen.add((rec.node, rec.where, rec.reason))
-                report.left_alone.append(rec)
-        codes[mode] = graph.python_code("self").src
+        if id(graph) not in code_of:
+            replaced, left = rewrite_graph(graph, modules, rules)
+            # The mode graphs mostly repeat each other: report each call site once.
+            for rec in replaced:
+                if (rec.node, rec.where) not in seen:
+                    seen.add((rec.node, rec.where))
+                    report.replaced.append(rec)
+            for rec in left:
+                if (rec.node, rec.where, rec.reason) not in seen:
+                    seen.add((rec.node, rec.where, rec.reason))
+                    report.left_alone.append(rec)
+            code_of[id(graph)] = graph.python_code("self").src
+        codes[mode] = code_of[id(graph)]
     for path in sorted(reasons):
         replaced, left = swap_modules(modules[path], rules, path)
         report.replaced += replaced
