@@ -2,6 +2,7 @@
 
     graph-rewrite efficientnet_b0 --shape 2,3,224,224 --show-graph
     python -m graph_rewrite mypkg.models:build --weights ckpt.pt --ops softplus
+    graph-rewrite resnet50 --pretrained      # default weights from the torch hub cache, no download
 
 Exit status 0 when verification passed, 1 when a check failed, 2 for bad input.
 """
@@ -17,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["main", "build_model", "load_weights"]
+__all__ = ["main", "build_model", "load_weights", "hub_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,13 +40,22 @@ class Steps:
         self.stream.flush()
 
 
-def build_model(spec: str) -> nn.Module:
+def build_model(spec: str, pretrained: bool = False) -> nn.Module:
     """A torchvision model name (built with ``weights=None``: never a download) or ``package.module:factory``.
 
+    ``pretrained=True`` (torchvision names only) builds the model with its default
+    weights, read from the torch hub cache, ``torch.hub.get_dir()/checkpoints/<file
+    name of the weights URL>``, where ``torchvision`` itself would have left them.
+    Nothing is downloaded: if the file is not there, a ``ValueError`` says where it is
+    expected and the URL to fetch it from on a machine with network.
+
     >>> build_model("resnet18")                      # doctest: +SKIP
+    >>> build_model("resnet18", pretrained=True)     # doctest: +SKIP
     >>> build_model("mypkg.models:make_net")         # doctest: +SKIP
     """
     if ":" in spec:
+        if pretrained:
+            raise ValueError(f"--pretrained takes a torchvision model name; for {spec!r} use --weights PATH")
         module_name, _, attr = spec.partition(":")
         try:
             factory: Callable[[], nn.Module] = getattr(importlib.import_module(module_name), attr)
@@ -59,17 +69,118 @@ def build_model(spec: str) -> nn.Module:
             raise ValueError(f"{spec!r} looks like a torchvision name, but torchvision is not installed") from None
         if spec not in torchvision.models.list_models():
             raise ValueError(f"unknown model {spec!r}: give a torchvision name or package.module:factory")
-        try:  # detection and segmentation builders also download a backbone unless told not to
-            model = torchvision.models.get_model(spec, weights=None, weights_backbone=None)
-        except TypeError:
-            model = torchvision.models.get_model(spec, weights=None)
+        if pretrained:
+            weights, path = hub_checkpoint(spec)
+            with _weights_from_file(weights, path):
+                try:
+                    try:  # builders drop the backbone weights when given weights; say so anyway
+                        model = torchvision.models.get_model(spec, weights=weights, weights_backbone=None)
+                    except TypeError:
+                        model = torchvision.models.get_model(spec, weights=weights)
+                except RuntimeError as e:  # load_state_dict's message: missing or unexpected keys
+                    if "state_dict" not in str(e):
+                        raise
+                    raise ValueError(f"{path} does not fit {spec}: {str(e).splitlines()[0]}") from None
+        else:
+            try:  # detection and segmentation builders also download a backbone unless told not to
+                model = torchvision.models.get_model(spec, weights=None, weights_backbone=None)
+            except TypeError:
+                model = torchvision.models.get_model(spec, weights=None)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
+def hub_checkpoint(name: str):
+    """(the default weights enum of torchvision model ``name``, the path its file has in the hub cache).
+
+    Raises ``ValueError`` when the file is not there (saying where it should be and
+    where to get it) or the model has no weights. Reads nothing and downloads nothing.
+    """
+    import os
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"torchvision has no pretrained weights for {name}: {e}") from None
+    if name.startswith("quantized_"):
+        # get_model(quantized_*) builds the float, quantization-ready model (quantize=False
+        # is the default), which takes the float model's weights, not the int8 ones.
+        import inspect
+
+        from torchvision.models import WeightsEnum
+
+        ann = inspect.signature(torchvision.models.get_model_builder(name)).parameters["weights"].annotation
+        floats = [t for t in _flatten_args(ann) if isinstance(t, type) and issubclass(t, WeightsEnum)
+                  and "Quantized" not in t.__name__]
+        if floats:
+            enum = floats[0]
+    weights = getattr(enum, "DEFAULT", None)
+    if weights is None:
+        raise ValueError(f"torchvision lists no default weights for {name}")
+    url = weights.url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--pretrained: no weights file for {name} in the torch hub cache (graph-rewrite never downloads).\n"
+            f"  expected: {path}\n"
+            f"  ({weights!r}; fetch it on a machine with network from {url})\n"
+            "  choices: place that file at the path above (the hub cache is $TORCH_HOME/hub, "
+            "default ~/.cache/torch/hub), or pass --weights PATH with a local state_dict file"
+        )
+    return weights, path
+
+
+def _flatten_args(ann):
+    from typing import get_args
+
+    out = []
+    for t in get_args(ann) or (ann,):
+        out += _flatten_args(t) if get_args(t) else [t]
+    return out
+
+
+class _weights_from_file:
+    """While building, ``weights.get_state_dict()`` reads ``path`` with ``torch.load`` instead of its URL.
+
+    The builder then does everything else it does for pretrained weights (architecture
+    settings from the weights' meta, key renames), and no download can happen. Only
+    this weights enum class is touched, and only inside the ``with``.
+    """
+
+    def __init__(self, weights, path: str) -> None:
+        self.cls, self.path = type(weights), path
+
+    def __enter__(self) -> None:
+        path = self.path
+
+        def get_state_dict(_self, *args, **kwargs):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"cannot read weights from {path}: {e}") from None
+
+        self.had = "get_state_dict" in self.cls.__dict__
+        self.old = self.cls.__dict__.get("get_state_dict")
+        type.__setattr__(self.cls, "get_state_dict", get_state_dict)
+
+    def __exit__(self, *exc) -> None:
+        if self.had:
+            type.__setattr__(self.cls, "get_state_dict", self.old)
+        else:
+            type.__delattr__(self.cls, "get_state_dict")
+
+
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local state_dict file (also one nested under "state_dict" or "model") into ``model``, strictly."""
+    """Load a local state_dict file into ``model``, strictly.
+
+    Also accepted: a state_dict nested under "state_dict" or "model" (training
+    checkpoints), and keys prefixed "module." (DataParallel/DDP) or "_orig_mod."
+    (torch.compile) when the model's own keys have no such prefix.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -81,6 +192,11 @@ def load_weights(model: nn.Module, path: str) -> None:
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state) \
+                and not any(k.startswith(prefix) for k in own):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -104,7 +220,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--ops", nargs="+", default=None, help="rules to apply (default all): softplus sigmoid logsigmoid")
-    p.add_argument("--weights", metavar="PATH", help="a local state_dict file to load first (no downloads)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", metavar="PATH", help="a local state_dict file to load first (no downloads)")
+    w.add_argument("--pretrained", action="store_true",
+                   help="torchvision's default weights, read from the torch hub cache "
+                        "($TORCH_HOME/hub/checkpoints); never downloaded")
     p.add_argument("--mode", choices=["train", "eval"], default="train", help="model mode while verifying")
     p.add_argument("--show-graph", action="store_true", help="print the rewritten regions of the graph")
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N forward+backward iterations")
@@ -123,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but CUDA is not available here")
         steps(f"building {args.model}")
-        model = build_model(args.model)
+        model = build_model(args.model, pretrained=args.pretrained)
         if args.weights:
             load_weights(model, args.weights)
         model = model.to(device=args.device, dtype=DTYPES[args.dtype]).train(args.mode == "train")

@@ -68,3 +68,87 @@ def test_weights_file_is_loaded_strictly(tmp_path):
         load_weights(target, str(tmp_path / "bad.pt"))
     with pytest.raises(ValueError, match="no weights file"):
         load_weights(target, str(tmp_path / "missing.pt"))
+
+
+# --------------------------------------------------------------------------- pretrained weights, no network
+def _hub_file(tmp_path, monkeypatch, name):
+    """Point the torch hub cache at tmp_path and return the path --pretrained expects for ``name``."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _no_network(monkeypatch):
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    import torchvision.models._api as api
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", refuse)
+
+
+def test_pretrained_reads_the_hub_cache_file(tmp_path, monkeypatch, capsys):
+    torchvision = pytest.importorskip("torchvision")
+    _no_network(monkeypatch)
+    path = _hub_file(tmp_path, monkeypatch, "resnet18")
+    assert path.name == "resnet18-f37072fd.pth"
+    torch.manual_seed(3)
+    state = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in torchvision.models.resnet18().state_dict().items()}
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+
+    model = build_model("resnet18", pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # The enum's own get_state_dict (the URL) is back after the build.
+    assert "get_state_dict" not in torchvision.models.ResNet18_Weights.__dict__
+    # The quantization-ready model takes the float weights from the same file.
+    q = build_model("quantized_resnet18", pretrained=True)
+    assert torch.equal(q.conv1.weight, state["conv1.weight"])
+
+    assert main(["resnet18", "--pretrained", "--shape", "2,3,32,32"]) == 0
+    assert "graph_rewrite.verify: PASSED" in capsys.readouterr().out
+
+
+def test_pretrained_without_the_file_says_where_and_how(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torchvision")
+    _no_network(monkeypatch)
+    path = _hub_file(tmp_path, monkeypatch, "efficientnet_b0")
+    assert main(["efficientnet_b0", "--pretrained", "--shape", "1,3,32,32"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err  # where the file is expected
+    assert "https://download.pytorch.org/models/" + path.name in err  # where to fetch it
+    assert "--weights PATH" in err and "never downloads" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="use --weights PATH"):
+        build_model("tests.test_cli:small_net", pretrained=True)
+    with pytest.raises(SystemExit):  # one source of weights at a time
+        main(["resnet18", "--pretrained", "--weights", "w.pt"])
+
+
+def test_pretrained_file_that_does_not_fit(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    _no_network(monkeypatch)
+    path = _hub_file(tmp_path, monkeypatch, "resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save({"fc.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(ValueError, match="does not fit resnet18"):
+        build_model("resnet18", pretrained=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read weights"):
+        build_model("resnet18", pretrained=True)
+
+
+def test_weights_file_with_wrapper_prefixes(tmp_path):
+    state = small_net().state_dict()
+    torch.save({"model": {"module." + k: v + 1 for k, v in state.items()}}, tmp_path / "ddp.pt")
+    target = small_net()
+    load_weights(target, str(tmp_path / "ddp.pt"))
+    assert all(torch.equal(target.state_dict()[k], v + 1) for k, v in state.items())
+    torch.save({"_orig_mod." + k: v - 1 for k, v in state.items()}, tmp_path / "compiled.pt")
+    load_weights(target, str(tmp_path / "compiled.pt"))
+    assert all(torch.equal(target.state_dict()[k], v - 1) for k, v in state.items())
