@@ -12,7 +12,8 @@ model). Inputs, per family (the smallest of a few candidates that the model acce
 tried in that order with a forward under ``no_grad``):
 
 * classification: batch 2 at 64x64, else 96, 128, 224, 299 (ViT and MaxViT
-  need exactly 224, Inception v3 in train mode 299 for its aux head);
+  need exactly 224, Inception v3 in train mode 299 for its aux head); batch 1 for the
+  four largest (vit_h_14, vit_l_16, vit_l_32, regnet_y_128gf: 0.3 to 0.6 G parameters);
 * quantization: the builders' default ``quantize=False``, i.e. the float,
   quantization-ready model (QuantStub/DeQuantStub, FloatFunctional adds). An int8
   model converted by ``quantize=True`` has no gradients, so there is nothing to train
@@ -64,6 +65,9 @@ FIXED_SIZE = {
     "vit_b_16": 224, "vit_b_32": 224, "vit_l_16": 224, "vit_l_32": 224, "vit_h_14": 224,
     "inception_v3": 299, "quantized_inception_v3": 299,
 }
+# The largest models (0.3 to 0.6 G parameters): batch 1, to keep the memory of a run
+# (model, clones of the parameters, two sets of gradients) near 10 GiB.
+BATCH_ONE = {"vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf"}
 FIXED_VIDEO = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 224)}
 
 IMAGE_SIZES = (64, 96, 128, 224, 299)
@@ -116,8 +120,9 @@ def _candidates(name: str, family: str):
         for s in FLOW_SIZES:
             yield f"2 x 1x3x{s}x{s}", (rand(1, 3, s, s), rand(1, 3, s, s))
     else:
+        n = 1 if name in BATCH_ONE else 2
         for s in ([FIXED_SIZE[name]] if name in FIXED_SIZE else IMAGE_SIZES):
-            yield f"2x3x{s}x{s}", (rand(2, 3, s, s),)
+            yield f"{n}x3x{s}x{s}", (rand(n, 3, s, s),)
 
 
 def _first_line(e: BaseException, limit: int = 400) -> str:
@@ -336,8 +341,8 @@ def write_markdown(path: str, results: List[Dict[str, Any]], names: Sequence[str
         "checks that the copy still computes the same. *Seconds* is the whole row "
         "(build, input probe, optimize, verify).",
         "",
-        "Inputs and modes (see `demos/zoo.py`): classification batch 2 at the smallest of "
-        "64/96/128/224/299 px that the model accepts; video batch 1 (4x64x64 up to 16x224x224); "
+        "Inputs and modes (see `demos/zoo.py`): classification batch 2 (1 for vit_h_14, vit_l_16, "
+        "vit_l_32 and regnet_y_128gf) at the smallest of 64/96/128/224/299 px that the model accepts; video batch 1 (4x64x64 up to 16x224x224); "
         "optical flow a pair of 1x3xHxW images; detection in train mode with fixed synthetic targets "
         "(two 64x64 images that the model's transform resizes, one box each; the targets are bound to "
         "the model, not differentiated), so the output is the "
