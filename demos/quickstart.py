@@ -24,20 +24,20 @@ def mlp() -> nn.Module:
     return nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(1024, 1024), nn.Softplus())])
 
 
+def relu_to_softplus(module: nn.Module) -> nn.Module:
+    """Replace every nn.ReLU in ``module`` by nn.Softplus, in place (smooth activations)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.Softplus())
+        else:
+            relu_to_softplus(child)
+    return module
+
+
 def resnet18_softplus() -> nn.Module:
     import torchvision
 
-    model = torchvision.models.resnet18(weights=None)
-
-    def swap(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, nn.Softplus())
-            else:
-                swap(child)
-
-    swap(model)
-    return model
+    return relu_to_softplus(torchvision.models.resnet18(weights=None))
 
 
 def show(title: str, model: nn.Module, x: torch.Tensor) -> None:

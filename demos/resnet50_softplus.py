@@ -32,6 +32,7 @@ from graph_rewrite.memory import saved_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from quickstart import relu_to_softplus  # noqa: E402
 from tiny_png import line_chart  # noqa: E402
 
 MiB = 2.0**20
@@ -41,17 +42,7 @@ def resnet50_softplus() -> nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
-
-    def swap(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if isinstance(child, nn.ReLU):
-                setattr(module, name, nn.Softplus())
-            else:
-                swap(child)
-
-    swap(model)
-    return model.train()
+    return relu_to_softplus(torchvision.models.resnet50(weights=None)).train()
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
