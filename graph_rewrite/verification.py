@@ -531,17 +531,19 @@ def _compare_outputs(orig: _Run, opt: _Run, rtol: Optional[float], atol: Optiona
 
 
 def _grad_errors(ref: Dict[str, Optional[Tensor]], other: Dict[str, Optional[Tensor]]) -> Tuple[Dict[str, float], float]:
-    """({name: max|other - ref| / scale}, scale) with scale = the largest |ref| over all names.
+    """({name: max|other - ref| / scale}, scale) with scale = the largest finite |ref| over all names.
 
-    A missing gradient (unused tensor) counts as zeros.
+    A missing gradient (unused tensor) counts as zeros. An inf or NaN in the same place
+    in both is agreement (native models do produce them, e.g. FCOS's loss gives NaN
+    gradients for its target boxes); one in only one of them is an infinite error.
     """
     scale = 0.0
     for g in ref.values():
         if g is not None and g.numel():
-            scale = max(scale, float(g.detach().abs().max()))
-    if scale == 0.0 or not math.isfinite(scale):
-        # All-zero (or non-finite) reference: fall back to absolute errors.
-        scale = 1.0 if scale == 0.0 else scale
+            finite = g.detach().abs()[torch.isfinite(g.detach())]
+            if finite.numel():
+                scale = max(scale, float(finite.max()))
+    scale = scale or 1.0  # all-zero reference: absolute errors
     errors = {}
     for name in ref:
         g, h = ref[name], other.get(name)
@@ -558,8 +560,9 @@ def _grad_errors(ref: Dict[str, Optional[Tensor]], other: Dict[str, Optional[Ten
             errors[name] = 0.0
             continue
         wide = torch.complex128 if g.is_complex() else torch.float64
-        d = (g.detach().to(wide) - h.detach().to(device=g.device, dtype=wide)).abs()
-        same = g.detach().to(wide) == h.detach().to(device=g.device, dtype=wide)  # equal infs
+        g64, h64 = g.detach().to(wide), h.detach().to(device=g.device, dtype=wide)
+        same = (g64 == h64) | (torch.isnan(g64) & torch.isnan(h64))  # equal infs, NaN in both
+        d = (g64 - h64).abs()
         d = torch.nan_to_num(torch.where(same, torch.zeros_like(d), d), nan=math.inf)
         errors[name] = float(d.max()) / scale
     return errors, scale

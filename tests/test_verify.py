@@ -219,6 +219,55 @@ def test_tolerances_can_be_overridden():
     assert verify(Scaled(lin, 1.0), off, x, rtol=1e-3, atol=1e-5, grad_tol=1e-3).ok
 
 
+
+class _NanGrad(nn.Module):
+    """softplus(lin(x)) + sqrt(|x[:, 0]|) + asin(x[:, 1]): where x[i, 0] == 0 the gradient
+    is NaN (inf * sign(0)), where x[i, 1] == 1 it is inf; `bug` adds a NaN elsewhere."""
+
+    def __init__(self, lin: nn.Linear, bug: bool = False) -> None:
+        super().__init__()
+        self.lin, self.bug = lin, bug
+
+    def forward(self, x):
+        y = F.softplus(self.lin(x)) + x[:, :1].abs().sqrt() + x[:, 1:2].asin()
+        if self.bug:
+            y = y + (x[2, 2] - x[2, 2].detach()) * float("nan")
+        return y
+
+
+def test_nan_and_inf_gradients_in_both_models_agree_and_in_one_fail():
+    # Native models produce these (FCOS's loss: NaN gradients for its target boxes);
+    # the same inf/NaN in the same place is agreement, not an infinite error.
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x = torch.rand(3, 4) * 0.5
+    x[0, :2] = torch.tensor([0.0, 1.0])
+    model = _NanGrad(lin)
+    grads = torch.autograd.grad(model(x.requires_grad_()).sum(), x)[0]
+    assert grads[0, 0].isnan() and grads[0, 1].isinf() and grads[1:].isfinite().all()  # the premise
+    x = x.detach()
+    report = verify(model, optimize(model), x)
+    assert report.ok, str(report)
+    assert _check(report, "input gradients").worst_error < 1e-6  # an inf does not hide errors by scaling
+    report = verify(model, _NanGrad(lin, bug=True), x)
+    assert not _check(report, "input gradients").ok
+    assert _check(report, "input gradients").worst_error == float("inf")
+
+
+def test_finite_error_next_to_an_inf_gradient_is_not_scaled_away():
+    class Off(_NanGrad):
+        def forward(self, x):
+            return super().forward(x) * (1 + 1e-2 * (x[1:2] - x[1:2].detach()).sum())
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x = torch.rand(3, 4) * 0.5
+    x[0, :2] = torch.tensor([0.0, 1.0])
+    report = verify(_NanGrad(lin), Off(lin), x)
+    check = _check(report, "input gradients")
+    assert not check.ok and 0 < check.worst_error < float("inf"), str(report)
+
+
 # --------------------------------------------------------------------------- nested outputs
 class _Detector(nn.Module):
     """Returns what detection models return: a list of dicts (here with a tuple inside too)."""
