@@ -1,10 +1,19 @@
 """Memory-lean activation ops: each saves its *output* for backward, never its input.
 
-The ops live in the ``graph_rewrite`` namespace and follow the "Python Custom
-Operators" recipe: define the op, ``register_fake``, then ``register_autograd``
-with a ``setup_context`` that saves the output. Use the op packets
-(``torch.ops.graph_rewrite.softplus``), not ``.default``: TorchScript can
-script the packet but not the overload attribute.
+The ops live in the ``graph_rewrite`` namespace. Each is defined the way the
+"Python Custom Operators" tutorial lays out (define the op, register a fake
+kernel, then autograd with a ``setup_context`` that saves the output), with one
+difference, for speed: the op is defined with ``torch.library.Library`` and its
+autograd is an ``Autograd`` dispatch-key kernel that applies an
+``autograd.Function`` directly, instead of ``torch.library.custom_op`` +
+``register_autograd``. The custom_op wrappers (argument checks, pytree
+flattening, a second Python round trip to the backend kernel) cost about twice
+as much per eager call; ``benchmarks/RESULTS.md`` has the measurements. Under
+torch.compile and torch.export the op is traced like any other: the fake kernel
+gives shapes, the ``Autograd`` kernel gives the backward graph.
+
+Use the op packets (``torch.ops.graph_rewrite.softplus``), not ``.default``:
+TorchScript can script the packet but not the overload attribute.
 
 Example::
 
@@ -16,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +37,36 @@ __all__ = ["softplus", "sigmoid", "logsigmoid", "softplus_needs_branch_mask"]
 # the backward formulas below do the same so they round like native.
 _REDUCED = (torch.float16, torch.bfloat16)
 
+# Kept alive for the life of the process: dropping it would unregister the ops.
+_lib = torch.library.Library("graph_rewrite", "DEF")
+
 
 def _opmath(t: Tensor) -> Tensor:
     return t.float() if t.dtype in _REDUCED else t
+
+
+def _define(schema: str, kernel, fake, function: type) -> None:
+    """Define ``graph_rewrite::<name>``: a backend kernel, a fake kernel and an Autograd kernel.
+
+    The Autograd kernel applies ``function`` (an autograd.Function that saves the
+    output) only when a graph is being recorded; otherwise it calls the kernel.
+    """
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    # Below autograd (inference_mode, export's decompositions): the native kernel.
+    _lib.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"graph_rewrite::{name}", fake, lib=_lib)
+    # The dispatcher leaves out trailing arguments equal to their schema defaults;
+    # autograd.Function.apply takes no defaults, so put them back.
+    defaults = tuple(a.default_value for a in getattr(torch.ops.graph_rewrite, name).default._schema.arguments[1:])
+
+    def autograd_kernel(x: Tensor, *args):
+        args += defaults[len(args):]
+        if torch.is_grad_enabled() and x.requires_grad:
+            return function.apply(x, *args)
+        return kernel(x, *args)
+
+    _lib.impl(name, autograd_kernel, "Autograd")
 
 
 def softplus_needs_branch_mask(dtype: torch.dtype, threshold: float) -> bool:
@@ -62,17 +99,11 @@ def _check_beta(beta: float) -> None:
 
 
 # --------------------------------------------------------------------------- softplus
-@torch.library.custom_op("graph_rewrite::softplus", mutates_args=())
-def softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    """``F.softplus(x, beta, threshold)`` whose backward keeps only the output."""
+# Python kernels receive only the arguments that differ from the schema's defaults,
+# so the kernels repeat the defaults.
+def _softplus_kernel(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     _check_beta(beta)
     return F.softplus(x, beta, threshold)
-
-
-@softplus.register_fake
-def _(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    _check_beta(beta)
-    return F.softplus(x, beta, threshold)  # the native meta kernel: same dtype and strides
 
 
 def _softplus_linear_branch(t: Tensor, beta: float, threshold: float) -> Tensor:
@@ -80,76 +111,124 @@ def _softplus_linear_branch(t: Tensor, beta: float, threshold: float) -> Tensor:
     return _opmath(t) * beta > threshold
 
 
-def _softplus_setup_context(ctx, inputs, output) -> None:
-    x, beta, threshold = inputs
-    ctx.beta, ctx.threshold = beta, threshold
-    if x.dtype.is_floating_point and softplus_needs_branch_mask(x.dtype, threshold):
-        # One bool per element (1 byte: 1/8 of a float64 input, 1/4 of float32 at
-        # small thresholds), kept only where the output cannot tell the branch.
-        ctx.save_for_backward(output, _softplus_linear_branch(x, beta, threshold))
-    else:
-        ctx.save_for_backward(output)
+def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear: Optional[Tensor]) -> Tensor:
+    """``grad * d softplus(x)/dx`` from the output ``y`` (and the branch record, if one is kept).
+
+    d/dx = sigmoid(beta*x) = 1 - exp(-beta*y); expm1 keeps the tiny slopes (x ~ -30
+    gives ~1e-13, which 1 - exp() rounds to 0 in float32). Where no branch record is
+    kept, ``-expm1(-beta*y)`` is exactly 1 on the linear branch already (that is what
+    :func:`softplus_needs_branch_mask` tests), so the plain backward skips the branch
+    test and works in place on one temporary. Both paths give the same bits.
+    """
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiable ops only, and a slope that is constant 1
+        # on the linear branch, so second derivatives there are 0 like native's.
+        if linear is None:
+            linear = _softplus_linear_branch(y, beta, threshold)
+        y_op = _opmath(y)
+        slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(-beta * y_op))
+        return (_opmath(grad) * slope).to(grad.dtype)
+    t = torch.mul(_opmath(y), -beta)  # the one new tensor
+    t.expm1_()
+    t.mul_(grad)
+    t.neg_()  # -(expm1(-b*y) * g) == g * -expm1(-b*y), bit for bit
+    if linear is not None:
+        t = torch.where(linear, _opmath(grad), t)
+    return t.to(grad.dtype)
 
 
-def _softplus_backward(ctx, grad: Tensor):
-    y, *mask = ctx.saved_tensors
-    beta, threshold = ctx.beta, ctx.threshold
-    linear = mask[0] if mask else _softplus_linear_branch(y, beta, threshold)
-    y_op = _opmath(y)
-    # d/dx = sigmoid(beta*x) = 1 - exp(-beta*y); expm1 keeps the tiny slopes
-    # (x ~ -30 gives ~1e-13, which 1 - exp() rounds to 0 in float32).
-    slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(-beta * y_op))
-    # Written with differentiable ops on y, so double backward comes for free.
-    return (_opmath(grad) * slope).to(grad.dtype), None, None
+class _Softplus(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, beta: float, threshold: float) -> Tensor:
+        return _softplus_kernel(x, beta, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple[Tensor, float, float], output: Tensor) -> None:
+        x, beta, threshold = inputs
+        ctx.beta, ctx.threshold = beta, threshold
+        if x.dtype.is_floating_point and softplus_needs_branch_mask(x.dtype, threshold):
+            # One bool per element (1 byte: 1/8 of a float64 input, 1/4 of float32 at
+            # small thresholds), kept only where the output cannot tell the branch.
+            ctx.save_for_backward(output, _softplus_linear_branch(x, beta, threshold))
+        else:
+            ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, *linear = ctx.saved_tensors
+        return softplus_grad(grad, y, ctx.beta, ctx.threshold, linear[0] if linear else None), None, None
 
 
-softplus.register_autograd(_softplus_backward, setup_context=_softplus_setup_context)
+def _softplus_fake(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    _check_beta(beta)
+    return F.softplus(x, beta, threshold)  # the native meta kernel: same dtype and strides
+
+
+_define("softplus(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor",
+        _softplus_kernel, _softplus_fake, _Softplus)
 
 
 # --------------------------------------------------------------------------- sigmoid
-@torch.library.custom_op("graph_rewrite::sigmoid", mutates_args=())
-def sigmoid(x: Tensor) -> Tensor:
-    """``torch.sigmoid(x)``; backward keeps only the output, like native."""
-    return torch.sigmoid(x)
+class _Sigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        # The very kernel native autograd uses (dy * (1 - y) * y): bitwise equal to
+        # native, complex-aware, and differentiable for double backward.
+        return torch.ops.aten.sigmoid_backward(grad, y)
 
 
-@sigmoid.register_fake
-def _(x: Tensor) -> Tensor:
-    return torch.sigmoid(x)
-
-
-def _save_output(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output)
-
-
-def _sigmoid_backward(ctx, grad: Tensor):
-    (y,) = ctx.saved_tensors
-    # The very kernel native autograd uses (dy * (1 - y) * y): bitwise equal to
-    # native, complex-aware, and differentiable for double backward.
-    return torch.ops.aten.sigmoid_backward(grad, y)
-
-
-sigmoid.register_autograd(_sigmoid_backward, setup_context=_save_output)
+_define("sigmoid(Tensor x) -> Tensor", torch.sigmoid, torch.sigmoid, _Sigmoid)
 
 
 # --------------------------------------------------------------------------- logsigmoid
-@torch.library.custom_op("graph_rewrite::logsigmoid", mutates_args=())
-def logsigmoid(x: Tensor) -> Tensor:
-    """``F.logsigmoid(x)`` whose backward keeps only the output (native keeps x and a buffer)."""
+def _logsigmoid_kernel(x: Tensor) -> Tensor:
     return F.logsigmoid(x).contiguous()
 
 
-@logsigmoid.register_fake
-def _(x: Tensor) -> Tensor:
+def _logsigmoid_fake(x: Tensor) -> Tensor:
     # The CPU kernel returns a contiguous result even for channels_last input, while
     # PyTorch's own meta kernel claims channels_last (torch 2.15); the op pins contiguous.
     return x.new_empty(x.shape)
 
 
-def _logsigmoid_backward(ctx, grad: Tensor):
-    (y,) = ctx.saved_tensors
-    # d/dx log(sigmoid(x)) = sigmoid(-x) = 1 - exp(y) = -expm1(y), exact for tiny |y|.
-    return (_opmath(grad) * -torch.expm1(_opmath(y))).to(grad.dtype)
+def logsigmoid_grad(grad: Tensor, y: Tensor) -> Tensor:
+    """``grad * d logsigmoid(x)/dx`` from the output: sigmoid(-x) = 1 - exp(y) = -expm1(y)."""
+    if torch.is_grad_enabled():  # create_graph=True: differentiable ops only
+        return (_opmath(grad) * -torch.expm1(_opmath(y))).to(grad.dtype)
+    t = torch.expm1(_opmath(y))
+    t.mul_(grad)
+    t.neg_()
+    return t.to(grad.dtype)
 
 
-logsigmoid.register_autograd(_logsigmoid_backward, setup_context=_save_output)
+class _LogSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return _logsigmoid_kernel(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs: Tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return logsigmoid_grad(grad, y)
+
+
+_define("logsigmoid(Tensor x) -> Tensor", _logsigmoid_kernel, _logsigmoid_fake, _LogSigmoid)
+
+
+# The packets: what the FX pass inserts, and what users and TorchScript call.
+softplus = torch.ops.graph_rewrite.softplus
+sigmoid = torch.ops.graph_rewrite.sigmoid
+logsigmoid = torch.ops.graph_rewrite.logsigmoid
