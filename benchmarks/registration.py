@@ -5,29 +5,32 @@ Every variant computes the same values as ``torch.ops.graph_rewrite.softplus``
 record where the dtype needs one, see ``graph_rewrite.ops``). What differs is how
 the op is registered, so what each call costs in Python and in the dispatcher:
 
-==================  =====================================================================
-``custom_op``       the library's op, ``torch.ops.graph_rewrite.softplus`` (the packet)
-``custom_op_ovl``   the same op called through its overload ``.default`` (no packet lookup)
-``custom_op_fast``  ``torch.library.custom_op`` with the backward below (:func:`fast_backward`)
-``function``        (i) a plain ``torch.autograd.Function``: forward ``F.softplus``, save output
-``library``         (ii) ``torch.library.Library("graph_rewrite_bench", "DEF")``: a
-                    CompositeExplicitAutograd kernel, ``register_fake``, and an ``Autograd``
-                    kernel (``lib.impl(name, fn, "Autograd")``) that applies an autograd.Function
-``library_direct``  (ii') as (ii), but the Autograd kernel's forward calls ``F.softplus``
-                    itself instead of redispatching to the op (one Python round trip less)
-``hybrid``          (iii) a Python function: the autograd.Function in eager mode and the
-                    ``library`` op while torch.compile/torch.export trace
-``cpp``             (iv) the same op written in C++ (``TORCH_LIBRARY`` + a C++
-                    ``torch::autograd::Function``), built with ``torch.utils.cpp_extension``;
-                    only when a C++ compiler is present (``--no-cpp`` skips it)
-==================  =====================================================================
+======================  ===============================================================
+``graph_rewrite``       the library's op, ``torch.ops.graph_rewrite.softplus`` (the packet):
+                        ``torch.library.Library`` DEF, a CompositeExplicitAutograd kernel,
+                        ``register_fake``, and an ``Autograd`` kernel that applies an
+                        autograd.Function whose forward calls ``F.softplus`` and whose
+                        backward is ``graph_rewrite.ops.softplus_grad``
+``graph_rewrite_ovl``   the same op called through its overload ``.default`` (no packet lookup)
+``custom_op``           the library's registration until 2026-11-23: ``torch.library.custom_op``
+                        + ``register_autograd``, backward ``g * where(linear, 1, -expm1(-b*y))``
+``custom_op_fast``      ``torch.library.custom_op`` with the library's backward
+``function``            (i) a plain ``torch.autograd.Function``: forward ``F.softplus``, save output
+``library``             (ii) as ``graph_rewrite``, but the Autograd kernel's forward redispatches
+                        to the op's CompositeExplicitAutograd kernel (one Python round trip more)
+``hybrid``              (iii) a Python function: the autograd.Function in eager mode and the
+                        ``library`` op while torch.compile/torch.export trace
+``cpp``                 (iv) the same op written in C++ (``TORCH_LIBRARY`` + a C++
+                        ``torch::autograd::Function``), built with ``torch.utils.cpp_extension``;
+                        only when a C++ compiler is present (``--no-cpp`` skips it)
+======================  ===============================================================
 
-The backward used by the prototypes, :func:`fast_backward`, differs from the
-library's only in how many passes over memory it makes: where no branch record is
-kept, ``-expm1(-beta*y)`` is already exactly 1 on the linear branch
-(``exp(-threshold)`` is far below the rounding unit; that is the very condition
-``softplus_needs_branch_mask`` tests), so the ``where(beta*y > threshold, 1, ...)``
-of the library is redundant; and when no graph is being built for double backward
+Every variant but ``custom_op`` uses the library's backward,
+:func:`graph_rewrite.ops.softplus_grad`: where no branch record is kept,
+``-expm1(-beta*y)`` is already exactly 1 on the linear branch (``exp(-threshold)``
+is far below the rounding unit; that is the very condition
+``softplus_needs_branch_mask`` tests), so it skips the ``where(beta*y > threshold,
+1, ...)``; and when no graph is being built for double backward
 (``torch.is_grad_enabled()`` is False inside a plain backward) it works in place on
 one temporary. Results are bitwise equal to the library's (checked by
 :func:`check_equal`).
@@ -53,21 +56,15 @@ def _opmath(t: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- backward
-def fast_backward(grad: Tensor, y: Tensor, beta: float, threshold: float, mask: Optional[Tensor]) -> Tensor:
-    """``grad * d softplus/dx`` from the output ``y`` (and the branch record ``mask`` if kept)."""
-    if torch.is_grad_enabled():
-        # create_graph=True: differentiable ops only (double backward).
-        slope = -torch.expm1(_opmath(y) * -beta)
-        if mask is not None:
-            slope = torch.where(mask, torch.ones_like(slope), slope)
-        return (_opmath(grad) * slope).to(grad.dtype)
-    t = torch.mul(_opmath(y), -beta)  # the one new tensor
-    t.expm1_()
-    t.mul_(grad)
-    t.neg_()  # -(expm1(-b*y) * g) == g * -expm1(-b*y), bit for bit
-    if mask is not None:
-        t = torch.where(mask, _opmath(grad), t)
-    return t.to(grad.dtype)
+fast_backward = gops.softplus_grad
+
+
+def slow_backward(grad: Tensor, y: Tensor, beta: float, threshold: float, mask: Optional[Tensor]) -> Tensor:
+    """The library's softplus backward until 2026-11-23 (differentiable ops, out of place)."""
+    linear = mask if mask is not None else _opmath(y) * beta > threshold
+    y_op = _opmath(y)
+    slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(-beta * y_op))
+    return (_opmath(grad) * slope).to(grad.dtype)
 
 
 def _save(ctx, x: Tensor, y: Tensor, beta: float, threshold: float) -> None:
@@ -81,6 +78,30 @@ def _save(ctx, x: Tensor, y: Tensor, beta: float, threshold: float) -> None:
 def _grad(ctx, grad: Tensor) -> Tensor:
     y, *mask = ctx.saved_tensors
     return fast_backward(grad, y, ctx.beta, ctx.threshold, mask[0] if mask else None)
+
+
+# ----------------------------------------------------------------------------- custom_op, the previous registration
+@torch.library.custom_op(f"{NS}::softplus_co", mutates_args=())
+def softplus_co(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    return F.softplus(x, beta, threshold)
+
+
+@softplus_co.register_fake
+def _(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    return F.softplus(x, beta, threshold)
+
+
+def _co_slow_setup(ctx, inputs, output) -> None:
+    x, beta, threshold = inputs
+    _save(ctx, x, output, beta, threshold)
+
+
+def _co_slow_backward(ctx, grad):
+    y, *mask = ctx.saved_tensors
+    return slow_backward(grad, y, ctx.beta, ctx.threshold, mask[0] if mask else None), None, None
+
+
+softplus_co.register_autograd(_co_slow_backward, setup_context=_co_slow_setup)
 
 
 # ----------------------------------------------------------------------------- custom_op + fast backward
@@ -167,29 +188,6 @@ _lib.impl("softplus_lib", _lib_autograd, "Autograd")
 
 def softplus_library(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     return _LIB_OP(x, beta, threshold)
-
-
-# (ii') the same, but the Autograd kernel's forward calls F.softplus itself instead of
-# redispatching to the op's CompositeExplicitAutograd kernel: one Python round trip less.
-_lib.define("softplus_lib2(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor")
-_lib.impl("softplus_lib2", _lib_kernel, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake(f"{NS}::softplus_lib2", lib=_lib)
-def _(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return F.softplus(x, beta, threshold)
-
-
-def _lib2_autograd(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return SoftplusFunction.apply(x, beta, threshold)
-
-
-_lib.impl("softplus_lib2", _lib2_autograd, "Autograd")
-_LIB2_OP = torch.ops.graph_rewrite_bench.softplus_lib2.default
-
-
-def softplus_library_direct(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return _LIB2_OP(x, beta, threshold)
 
 
 # ----------------------------------------------------------------------------- (iii) hybrid
@@ -394,14 +392,19 @@ def native(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
 
 _PACKET = torch.ops.graph_rewrite.softplus
 _OVERLOAD = torch.ops.graph_rewrite.softplus.default
+_CO_OP = torch.ops.graph_rewrite_bench.softplus_co.default
 
 
-def custom_op(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+def graph_rewrite_op(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     return _PACKET(x, beta, threshold)
 
 
-def custom_op_ovl(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+def graph_rewrite_ovl(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
     return _OVERLOAD(x, beta, threshold)
+
+
+def custom_op(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    return _CO_OP(x, beta, threshold)
 
 
 _FAST_OP = torch.ops.graph_rewrite_bench.softplus_fast.default
@@ -415,12 +418,12 @@ def variants(with_cpp: bool = True) -> Dict[str, Callable]:
     """name -> softplus(x, beta, threshold) for every registration (``cpp`` only if it builds)."""
     out: Dict[str, Callable] = {
         "native": native,
+        "graph_rewrite": graph_rewrite_op,
+        "graph_rewrite_ovl": graph_rewrite_ovl,
         "custom_op": custom_op,
-        "custom_op_ovl": custom_op_ovl,
         "custom_op_fast": custom_op_fast,
         "function": softplus_function,
         "library": softplus_library,
-        "library_direct": softplus_library_direct,
         "hybrid": softplus_hybrid,
     }
     if with_cpp:
@@ -432,12 +435,12 @@ def variants(with_cpp: bool = True) -> Dict[str, Callable]:
 
 DESCRIPTIONS = {
     "native": "F.softplus (saves its input)",
-    "custom_op": "library op: torch.library.custom_op, called as torch.ops.graph_rewrite.softplus",
-    "custom_op_ovl": "library op called as torch.ops.graph_rewrite.softplus.default",
-    "custom_op_fast": "torch.library.custom_op with the in-place backward",
+    "graph_rewrite": "the library op: Library DEF + CompositeExplicitAutograd + Autograd kernel (autograd.Function calling F.softplus), called as torch.ops.graph_rewrite.softplus",
+    "graph_rewrite_ovl": "the library op called as torch.ops.graph_rewrite.softplus.default",
+    "custom_op": "torch.library.custom_op + register_autograd, out-of-place backward (the library until 2026-11-23)",
+    "custom_op_fast": "torch.library.custom_op with the library's backward",
     "function": "(i) plain torch.autograd.Function",
-    "library": "(ii) torch.library.Library DEF + CompositeExplicitAutograd + Autograd kernel",
-    "library_direct": "(ii') as (ii), the Autograd kernel's forward calls F.softplus directly",
+    "library": "(ii) as the library op, the Autograd kernel's forward redispatches to the op",
     "hybrid": "(iii) autograd.Function in eager, the (ii) op under compile/export",
     "cpp": "(iv) C++ op: TORCH_LIBRARY + C++ autograd::Function (cpp_extension)",
 }
@@ -514,12 +517,12 @@ def works_under_export(fn: Callable) -> str:
 # The dispatcher op behind each variant, for TorchScript (which can call ops, not Python functions).
 SCRIPT_OPS = {
     "native": "torch.nn.functional.softplus",
-    "custom_op": "torch.ops.graph_rewrite.softplus",
-    "custom_op_ovl": "torch.ops.graph_rewrite.softplus",
+    "graph_rewrite": "torch.ops.graph_rewrite.softplus",
+    "graph_rewrite_ovl": "torch.ops.graph_rewrite.softplus",
+    "custom_op": "torch.ops.graph_rewrite_bench.softplus_co",
     "custom_op_fast": "torch.ops.graph_rewrite_bench.softplus_fast",
     "function": None,
     "library": "torch.ops.graph_rewrite_bench.softplus_lib",
-    "library_direct": "torch.ops.graph_rewrite_bench.softplus_lib2",
     "hybrid": None,
     "cpp": "torch.ops.graph_rewrite_cpp.softplus",
 }

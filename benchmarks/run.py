@@ -435,17 +435,17 @@ def measure_bandwidth(device: str, variants: Dict[str, Callable], quick: bool) -
     res["clone"] = {"s": t, "median_s": tm, "bytes": 2 * n * el}
     ref_grad = None
     for k, fn in variants.items():
-        if k in ("custom_op_ovl", "library", "library_direct", "hybrid", "custom_op_fast"):
-            continue  # same backward code as another row: "custom_op" / "function"
+        if k in ("graph_rewrite_ovl", "library", "hybrid", "custom_op_fast"):
+            continue  # same backward code as another row: "graph_rewrite" / "function"
         x = src.clone().requires_grad_()
         y = fn(x, 1.0, 20.0)
         t, tm = timed(lambda: torch.autograd.grad(y, x, g, retain_graph=True))
         (gx,) = torch.autograd.grad(y, x, g, retain_graph=True)
-        if k == "custom_op":
+        if k == "graph_rewrite":
             ref_grad = gx
         res[k] = {"s": t, "median_s": tm, "bytes": 3 * n * el, "grad": gx}
         del y, x
-    for k, op in (("compiled native", F.softplus), ("compiled custom_op", torch.ops.graph_rewrite.softplus)):
+    for k, op in (("compiled native", F.softplus), ("compiled graph_rewrite", torch.ops.graph_rewrite.softplus)):
         # torch.compile traces the backward formula into the joint graph: inductor fuses it into one kernel.
         torch._dynamo.reset()
         try:
@@ -754,12 +754,12 @@ def goals(mem, times, overhead, checks, bw_cuda) -> List[str]:
             rows.append([f"step time lean/native ≤ 1.05 on CPU ({key})", status,
                          f"median {ratio:.3f}, fastest steps {fastest:.3f} (N={t['n']}){extra}"])
     nat = overhead["native"]["fwdbwd_us"]
-    lib = overhead["custom_op"]["fwdbwd_us"] / nat
+    lib = overhead["graph_rewrite"]["fwdbwd_us"] / nat
     ok = [k for k, o in overhead.items() if k != "native" and o["fwdbwd_us"] / nat <= 2.0
           and checks.get(k, {}).get("compile") == "yes" and str(checks.get(k, {}).get("export", "")).startswith("yes")]
     rows.append(["eager overhead ≤ 2x native for fwd+bwd at 1k elements",
                  "**met**" if lib <= 2 else "**not met** by the library op",
-                 f"library op (custom_op) {lib:.2f}x; registrations within 2x that also work under compile and export: "
+                 f"library op (`graph_rewrite`) {lib:.2f}x; registrations within 2x that also work under compile and export: "
                  + (", ".join(f"`{k}` {overhead[k]['fwdbwd_us'] / nat:.2f}x" for k in ok) or "none")])
     if bw_cuda is None:
         rows.append(["CUDA fused backward ≥ 80% of copy bandwidth", "not measurable here", NO_GPU])
