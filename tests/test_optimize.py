@@ -354,6 +354,25 @@ def test_runs_under_torch_export():
     _check_same_step(model, ep.module(), x)
 
 
+def test_export_decompositions_keep_the_ops_and_the_saving():
+    # run_decompositions() retraces below autograd: the ops must stay ops there, not
+    # dissolve into the aten ops of their native kernels (which save their inputs).
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(64, 64), nn.Softplus())], nn.Linear(64, 64),
+                          nn.LogSigmoid(), nn.Linear(64, 64), nn.Sigmoid())
+    x = torch.randn(32, 64)
+    ep = torch.export.export(optimize(model), (x,)).run_decompositions()
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert [t for t in targets if "graph_rewrite" in t] == ["graph_rewrite.softplus.default"] * 3 + [
+        "graph_rewrite.logsigmoid.default", "graph_rewrite.sigmoid.default"], targets
+    exported = ep.module()
+    lean, _ = saved_bytes(lambda: exported(x), exclude=list(model.parameters()) + [x])
+    native, _ = saved_bytes(lambda: model(x), exclude=list(model.parameters()) + [x])
+    # Four activations' inputs fewer (3 softplus + logsigmoid, 8 KiB each), and logsigmoid's buffer.
+    assert native - lean == 5 * 32 * 64 * 4, (native, lean)
+    _check_same_step(model, exported, x)
+
+
 def test_runs_under_torch_jit_script():
     model = _compile_model()
     scripted = torch.jit.script(optimize(model))
