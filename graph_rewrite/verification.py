@@ -561,6 +561,8 @@ def _grad_errors(ref: Dict[str, Optional[Tensor]], other: Dict[str, Optional[Ten
             continue
         wide = torch.complex128 if g.is_complex() else torch.float64
         g64, h64 = g.detach().to(wide), h.detach().to(device=g.device, dtype=wide)
+        if g.is_complex():  # real and imaginary parts each: a NaN in one part hides nothing
+            g64, h64 = torch.view_as_real(g64), torch.view_as_real(h64)
         same = (g64 == h64) | (torch.isnan(g64) & torch.isnan(h64))  # equal infs, NaN in both
         d = (g64 - h64).abs()
         d = torch.nan_to_num(torch.where(same, torch.zeros_like(d), d), nan=math.inf)

@@ -254,6 +254,15 @@ def test_nan_and_inf_gradients_in_both_models_agree_and_in_one_fail():
     assert _check(report, "input gradients").worst_error == float("inf")
 
 
+def test_complex_gradient_nan_in_one_part_does_not_hide_the_other():
+    from graph_rewrite.verification import _grad_errors
+
+    nan = float("nan")
+    ref = {"w": torch.tensor([complex(nan, 1.0), 1 + 0j])}
+    assert _grad_errors(ref, {"w": torch.tensor([complex(nan, 1.0), 1 + 0j])})[0]["w"] == 0.0
+    assert _grad_errors(ref, {"w": torch.tensor([complex(nan, 500.0), 1 + 0j])})[0]["w"] == 499.0
+
+
 def test_finite_error_next_to_an_inf_gradient_is_not_scaled_away():
     class Off(_NanGrad):
         def forward(self, x):
