@@ -1,12 +1,11 @@
 """Memory-lean activation ops: each saves its *output* for backward, never its input.
 
-The ops live in the ``graph_rewrite`` namespace. Each is defined the way the
-"Python Custom Operators" tutorial lays out (define the op, register a fake
-kernel, then autograd with a ``setup_context`` that saves the output), with one
-difference, for speed: the op is defined with ``torch.library.Library`` and its
-autograd is an ``Autograd`` dispatch-key kernel that applies an
-``autograd.Function`` directly, instead of ``torch.library.custom_op`` +
-``register_autograd``. The custom_op wrappers (argument checks, pytree
+The ops live in the ``graph_rewrite`` namespace. Each is defined in the order
+of the "Python Custom Operators" tutorial (define the op, register a fake
+kernel, then autograd that saves the output), with one difference, for speed:
+the op is defined with ``torch.library.Library`` and its autograd is an
+``Autograd`` dispatch-key kernel that applies an ``autograd.Function``
+directly, instead of ``torch.library.custom_op`` + ``register_autograd``. The custom_op wrappers (argument checks, pytree
 flattening, a second Python round trip to the backend kernel) cost several
 times more per eager call; ``benchmarks/RESULTS.md`` has the measurements. Under
 torch.compile and torch.export the op is traced like any other: the fake kernel
@@ -170,13 +169,10 @@ class _Softplus(torch.autograd.Function):
         return softplus_grad(grad, y, ctx.beta, ctx.threshold, linear[0] if linear else None), None, None
 
 
-def _softplus_fake(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    _check_beta(beta)
-    return F.softplus(x, beta, threshold)  # the native meta kernel: same dtype and strides
-
-
+# The kernel doubles as the fake kernel: on fake tensors F.softplus runs the native
+# meta kernel, which gives the same dtype and strides.
 _define("softplus(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor",
-        _softplus_kernel, _softplus_fake, _Softplus)
+        _softplus_kernel, _softplus_kernel, _Softplus)
 
 
 # --------------------------------------------------------------------------- sigmoid
