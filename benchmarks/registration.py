@@ -80,51 +80,29 @@ def _grad(ctx, grad: Tensor) -> Tensor:
     return fast_backward(grad, y, ctx.beta, ctx.threshold, mask[0] if mask else None)
 
 
-# ----------------------------------------------------------------------------- custom_op, the previous registration
-@torch.library.custom_op(f"{NS}::softplus_co", mutates_args=())
-def softplus_co(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return F.softplus(x, beta, threshold)
+# ----------------------------------------------------------------------------- custom_op, two backwards
+def _custom_op(name: str, backward: Callable) -> None:
+    """``graph_rewrite_bench::<name>``, registered with ``torch.library.custom_op`` as the library was."""
+
+    @torch.library.custom_op(f"{NS}::{name}", mutates_args=())
+    def op(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+        return F.softplus(x, beta, threshold)
+
+    op.register_fake(lambda x, beta=1.0, threshold=20.0: F.softplus(x, beta, threshold))
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, beta, threshold = inputs
+        _save(ctx, x, output, beta, threshold)
+
+    def grad_fn(ctx, grad):
+        y, *mask = ctx.saved_tensors
+        return backward(grad, y, ctx.beta, ctx.threshold, mask[0] if mask else None), None, None
+
+    op.register_autograd(grad_fn, setup_context=setup_context)
 
 
-@softplus_co.register_fake
-def _(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return F.softplus(x, beta, threshold)
-
-
-def _co_slow_setup(ctx, inputs, output) -> None:
-    x, beta, threshold = inputs
-    _save(ctx, x, output, beta, threshold)
-
-
-def _co_slow_backward(ctx, grad):
-    y, *mask = ctx.saved_tensors
-    return slow_backward(grad, y, ctx.beta, ctx.threshold, mask[0] if mask else None), None, None
-
-
-softplus_co.register_autograd(_co_slow_backward, setup_context=_co_slow_setup)
-
-
-# ----------------------------------------------------------------------------- custom_op + fast backward
-@torch.library.custom_op(f"{NS}::softplus_fast", mutates_args=())
-def softplus_fast(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return F.softplus(x, beta, threshold)
-
-
-@softplus_fast.register_fake
-def _(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    return F.softplus(x, beta, threshold)
-
-
-def _co_setup(ctx, inputs, output) -> None:
-    x, beta, threshold = inputs
-    _save(ctx, x, output, beta, threshold)
-
-
-def _co_backward(ctx, grad):
-    return _grad(ctx, grad), None, None
-
-
-softplus_fast.register_autograd(_co_backward, setup_context=_co_setup)
+_custom_op("softplus_co", slow_backward)  # the previous registration
+_custom_op("softplus_fast", fast_backward)  # custom_op with the library's backward
 
 
 # ----------------------------------------------------------------------------- (i) autograd.Function
