@@ -44,13 +44,18 @@ def _opmath(t: Tensor) -> Tensor:
     return t.float() if t.dtype in _REDUCED else t
 
 
-def _below_autograd(op: torch._ops.OpOverload, x: Tensor, *args) -> Tensor:
-    """The op's own kernel, called past the Autograd key.
+def _forward(op: torch._ops.OpOverload, kernel, x: Tensor, *args) -> Tensor:
+    """The forward value, computed past the Autograd key.
 
-    Calling the op (not ``F.softplus``) keeps one ``graph_rewrite`` node in what
-    tracers record below autograd: torch.export's ``run_decompositions`` and
-    AOTAutograd's forward graph.
+    A plain tensor with no dispatch mode active goes straight to the native kernel
+    (one dispatcher round trip less per call). Anything else may be a tracer
+    (FakeTensor, FunctionalTensor, make_fx's mode): it gets the op itself, so what
+    it records below autograd keeps one ``graph_rewrite`` node. torch.export's
+    ``run_decompositions`` would otherwise dissolve the op into aten ops that save
+    their inputs.
     """
+    if type(x) is Tensor and not torch._C._len_torch_dispatch_stack():
+        return kernel(x, *args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(x, *args)
 
@@ -77,7 +82,7 @@ def _define(schema: str, kernel, fake, function: type) -> None:
         args += defaults[len(args):]
         if torch.is_grad_enabled() and x.requires_grad:
             return function.apply(x, *args)
-        return _below_autograd(op, x, *args)
+        return _forward(op, kernel, x, *args)
 
     _lib.impl(name, autograd_kernel, "Autograd")
 
@@ -153,7 +158,7 @@ def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear
 class _Softplus(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, beta: float, threshold: float) -> Tensor:
-        output = _below_autograd(torch.ops.graph_rewrite.softplus.default, x, beta, threshold)
+        output = _forward(torch.ops.graph_rewrite.softplus.default, _softplus_kernel, x, beta, threshold)
         ctx.beta, ctx.threshold = beta, threshold
         if x.dtype.is_floating_point and softplus_needs_branch_mask(x.dtype, threshold):
             # One bool per element (1 byte: 1/8 of a float64 input, 1/4 of float32 at
@@ -179,7 +184,7 @@ _define("softplus(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor",
 class _Sigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        output = _below_autograd(torch.ops.graph_rewrite.sigmoid.default, x)
+        output = _forward(torch.ops.graph_rewrite.sigmoid.default, torch.sigmoid, x)
         ctx.save_for_backward(output)
         return output
 
@@ -218,7 +223,7 @@ def logsigmoid_grad(grad: Tensor, y: Tensor) -> Tensor:
 class _LogSigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        output = _below_autograd(torch.ops.graph_rewrite.logsigmoid.default, x)
+        output = _forward(torch.ops.graph_rewrite.logsigmoid.default, _logsigmoid_kernel, x)
         ctx.save_for_backward(output)
         return output
 

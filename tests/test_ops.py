@@ -230,6 +230,32 @@ def test_without_a_graph_to_record_the_native_kernel_runs_alone(op, native, args
     torch.testing.assert_close(y, native(x.detach(), *args), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op,native_name,args", [(lean.softplus, "softplus", (2.0, 5.0)), (lean.sigmoid, "sigmoid", ()),
+                                                 (lean.logsigmoid, "log_sigmoid_forward", ())],
+                         ids=["softplus", "sigmoid", "logsigmoid"])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_dispatch_modes_see_the_op_not_its_native_kernel(op, native_name, args, requires_grad):
+    # Tracers below autograd (make_fx, export's decompositions) are dispatch modes or
+    # tensor subclasses: they must record one graph_rewrite node.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(16, requires_grad=requires_grad)
+    with Record() as rec:
+        y = op(x, *args)
+    assert f"graph_rewrite::{op._qualified_op_name.split('::')[1]}" in rec.seen, rec.seen
+    assert f"aten::{native_name}" not in rec.seen, rec.seen
+    assert (y.grad_fn is not None) == requires_grad
+
+
 def test_chain_rule_uses_incoming_gradient_mxnet_seed():
     # shared/seeds/001: z = y*y must give dz/dx = 2y * y(1-y), not y(1-y).
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
