@@ -216,6 +216,9 @@ for name, m in [("native", model), ("lean", lean)]:
         result[name] = {n: p.grad.full_tensor().clone() for n, p in m.named_parameters()}
 if rank == 0:
     torch.save(result, out)
+# Both ranks leave together: gloo aborts ("terminate called without an active
+# exception") when one rank tears its group down while the other still talks to it.
+dist.barrier()
 dist.destroy_process_group()
 """
 
