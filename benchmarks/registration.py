@@ -10,7 +10,7 @@ the op is registered, so what each call costs in Python and in the dispatcher:
                         ``torch.library.Library`` DEF, a CompositeExplicitAutograd kernel,
                         ``register_fake``, and an ``Autograd`` kernel that applies an
                         autograd.Function whose forward calls ``F.softplus`` and whose
-                        backward is ``graph_rewrite.ops.softplus_grad``
+                        backward is ``graph_rewrite.ops.activations.softplus_grad``
 ``graph_rewrite_ovl``   the same op called through its overload ``.default`` (no packet lookup)
 ``custom_op``           the library's registration until 2026-11-23: ``torch.library.custom_op``
                         + ``register_autograd``, backward ``g * where(linear, 1, -expm1(-b*y))``
@@ -26,7 +26,7 @@ the op is registered, so what each call costs in Python and in the dispatcher:
 ======================  ===============================================================
 
 Every variant but ``custom_op`` uses the library's backward,
-:func:`graph_rewrite.ops.softplus_grad`: where no branch record is kept,
+:func:`graph_rewrite.ops.activations.softplus_grad`: where no branch record is kept,
 ``-expm1(-beta*y)`` is already exactly 1 on the linear branch (``exp(-threshold)``
 is far below the rounding unit; that is the very condition
 ``softplus_needs_branch_mask`` tests), so it skips the ``where(beta*y > threshold,
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import graph_rewrite.ops as gops
+import graph_rewrite.ops.activations as gops
 
 _REDUCED = (torch.float16, torch.bfloat16)
 NS = "graph_rewrite_bench"

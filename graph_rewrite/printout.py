@@ -84,7 +84,7 @@ def _original_code(original: nn.Module, optimized: nn.Module) -> Tuple[Optional[
     # Trace a shallow copy with optimize()'s tracer, keeping as calls the modules that
     # optimize() could not trace, so node names line up with the optimized graph. The
     # copy keeps the user's modules free of what tracing caches on them.
-    from .transform import _clone_tree, _LeafTracer
+    from .frontends.fx import _clone_tree, _LeafTracer
 
     report = getattr(optimized, "rewrite_report", None)
     leaves = {u.module for u in getattr(report, "uncovered", ()) if u.module}

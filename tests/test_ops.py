@@ -205,10 +205,10 @@ def test_plain_and_create_graph_backward_agree_bitwise_and_leave_inputs_alone(na
 
 
 @pytest.mark.parametrize("op,native,args,function",
-                         [(lean.softplus, F.softplus, (3.0, 1.0), graph_rewrite.ops._Softplus),
-                          (lean.softplus, F.softplus, (), graph_rewrite.ops._Softplus),
-                          (lean.sigmoid, torch.sigmoid, (), graph_rewrite.ops._Sigmoid),
-                          (lean.logsigmoid, F.logsigmoid, (), graph_rewrite.ops._LogSigmoid)],
+                         [(lean.softplus, F.softplus, (3.0, 1.0), graph_rewrite.ops.activations._Softplus),
+                          (lean.softplus, F.softplus, (), graph_rewrite.ops.activations._Softplus),
+                          (lean.sigmoid, torch.sigmoid, (), graph_rewrite.ops.activations._Sigmoid),
+                          (lean.logsigmoid, F.logsigmoid, (), graph_rewrite.ops.activations._LogSigmoid)],
                          ids=["softplus", "softplus_defaults", "sigmoid", "logsigmoid"])
 def test_without_a_graph_to_record_the_native_kernel_runs_alone(op, native, args, function, monkeypatch):
     x = torch.randn(64, dtype=torch.float64, requires_grad=True)

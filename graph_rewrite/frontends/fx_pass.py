@@ -6,8 +6,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 from torch.fx import Graph, Node
 
-from .report import LeftAlone, Replaced
-from .rules import RULES, Pattern, Rule, is_match, pattern_name
+from ..report import LeftAlone, Replaced
+from ..rules import RULES, Pattern, Rule, is_match, pattern_name
 
 __all__ = ["rewrite_graph", "has_hooks", "lean_op_name"]
 

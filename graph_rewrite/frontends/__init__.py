@@ -1,0 +1,4 @@
+"""Front ends: each finds activation calls in one kind of program and applies the rules table.
+
+* :mod:`.fx`: trace with torch.fx, rewrite the graph (:mod:`.fx_pass`), keep the model's structure.
+"""
