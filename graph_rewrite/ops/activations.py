@@ -60,7 +60,7 @@ def _forward(op: torch._ops.OpOverload, kernel, x: Tensor, *args) -> Tensor:
         return op(x, *args)
 
 
-def _define(schema: str, kernel, fake, function: type) -> None:
+def _define(schema: str, kernel, fake, function: type, needs_graph=None, under_autocast=None) -> None:
     """Define ``graph_rewrite::<name>``: a backend kernel, a fake kernel and an Autograd kernel.
 
     The Autograd kernel applies ``function`` (an autograd.Function that saves the
@@ -68,6 +68,9 @@ def _define(schema: str, kernel, fake, function: type) -> None:
     backend kernel. The Functions take ``ctx`` in ``forward`` rather than a separate
     ``setup_context``: on torch 2.15 that form costs ~40 µs less per call. (It
     rules out torch.func transforms, which custom_op did not support either.)
+    ``needs_graph(x, *args)`` says whether a graph is recorded (default: ``x``
+    requires grad; ops with weights also look at those). ``under_autocast(x, *args)``,
+    when given, runs instead of ``function`` while autocast is on for ``x``'s device.
     """
     name = schema.split("(", 1)[0]
     _lib.define(schema)
@@ -80,7 +83,9 @@ def _define(schema: str, kernel, fake, function: type) -> None:
 
     def autograd_kernel(x: Tensor, *args):
         args += defaults[len(args):]
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled() and (x.requires_grad if needs_graph is None else needs_graph(x, *args)):
+            if under_autocast is not None and torch.is_autocast_enabled(x.device.type):
+                return under_autocast(x, *args)
             return function.apply(x, *args)
         return _forward(op, kernel, x, *args)
 

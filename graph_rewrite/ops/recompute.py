@@ -1,0 +1,204 @@
+"""Consumers that recompute their activation: keep ``x``, not ``h = act(x)``, for backward.
+
+An activation such as GELU or SiLU keeps its input ``x`` for its own backward; the
+layer after it (Linear, Conv, mul) keeps its output ``h``. Both are held. The ops
+here are those layers with one change: they keep ``x`` (already held by the
+activation: no new bytes) and recompute ``h = act(x)`` in backward with the same
+native kernel, so every gradient is computed from the same values as native.
+The activation itself stays native; its input's gradient flows through ``h`` into
+it, so these ops return no gradient for ``x``.
+
+Each op takes ``(x, h, act, <the consumer's own arguments>, act_arg)``: ``h`` is
+what forward uses (the native activation already computed it), ``act`` names the
+activation in :data:`ACTIVATIONS` and ``act_arg`` is its one parameter (ELU's alpha).
+``recompute_linear`` also takes ``gate``: then ``h`` is ``act(x) * gate``, the
+gated MLP of LLaMA-style models, and only ``x`` and ``gate`` are kept.
+
+Example::
+
+    >>> import torch, torch.nn.functional as F, graph_rewrite.ops
+    >>> x = torch.randn(4, 8, requires_grad=True); w = torch.randn(3, 8, requires_grad=True)
+    >>> h = F.gelu(x)                                  # keeps x
+    >>> y = torch.ops.graph_rewrite.recompute_linear(x, h, "gelu", w, None)   # keeps x, not h
+    >>> y.sum().backward()                             # recomputes gelu(x), then the Linear's gradients
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import _define, _forward
+
+__all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul"]
+
+# The activations a consumer can recompute: name -> native call with its one parameter.
+# The same kernels as forward, on the same input, so h comes back bit for bit.
+ACTIVATIONS: Dict[str, Callable[[Tensor, float], Tensor]] = {
+    "gelu": lambda x, a: F.gelu(x),
+    "gelu_tanh": lambda x, a: F.gelu(x, approximate="tanh"),
+    "silu": lambda x, a: F.silu(x),
+    "hardswish": lambda x, a: F.hardswish(x),
+    "mish": lambda x, a: F.mish(x),
+    "elu": lambda x, a: F.elu(x, a),
+    "celu": lambda x, a: F.celu(x, a),
+    "selu": lambda x, a: F.selu(x),
+}
+
+
+def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Tensor] = None) -> Tensor:
+    """``act(x)`` (times ``gate`` for the gated MLP), with the native kernels forward used."""
+    h = ACTIVATIONS[act](x, act_arg)
+    return h if gate is None else h * gate
+
+
+def _any_requires_grad(*args) -> bool:
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+# --------------------------------------------------------------------------- linear
+def _linear_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor] = None,
+                   gate: Optional[Tensor] = None, act_arg: float = 0.0) -> Tensor:
+    return F.linear(h, weight, bias)
+
+
+def linear_backward(grad: Tensor, h: Tensor, weight: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    """Gradients of ``F.linear(h, weight, bias)`` for (h, weight, bias), as native's addmm backward forms them.
+
+    Native linear runs ``addmm`` on ``h`` flattened to 2-D; its backward is
+    ``grad @ weight`` for h, ``grad.t() @ h`` for the weight and the sum over rows for the bias.
+    """
+    g2 = grad.reshape(-1, grad.shape[-1])
+    h2 = h.reshape(-1, h.shape[-1])
+    gh = g2.mm(weight).view(h.shape) if needs[0] else None
+    gw = g2.t().mm(h2) if needs[1] else None
+    gb = g2.sum_to_size(grad.shape[-1:]) if needs[2] else None
+    return [gh, gw, gb]
+
+
+class _RecomputeLinear(torch.autograd.Function):
+    """Keeps x (and gate); recomputes h = act(x) [* gate] in backward."""
+
+    @staticmethod
+    def forward(ctx, x, h, act, weight, bias, gate, act_arg):
+        out = _forward(torch.ops.graph_rewrite.recompute_linear.default, _linear_kernel,
+                       x, h, act, weight, bias, gate, act_arg)
+        ctx.act, ctx.act_arg = act, act_arg
+        ctx.save_for_backward(x, weight, gate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, gate = ctx.saved_tensors
+        h = recompute_activation(x, ctx.act, ctx.act_arg, gate)
+        needs = ctx.needs_input_grad
+        gh, gw, gb = linear_backward(grad, h, weight, (needs[1], needs[3], needs[4]))
+        return None, gh, None, gw, gb, None, None
+
+
+def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0):
+    return F.linear(h, weight, bias)  # native: keeps autocast's dtypes, and h
+
+
+_define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
+        "Tensor? gate=None, float act_arg=0.0) -> Tensor",
+        _linear_kernel, _linear_kernel, _RecomputeLinear, _any_requires_grad, _linear_autocast)
+
+
+# --------------------------------------------------------------------------- convolution
+def _conv_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                 padding: List[int], dilation: List[int], groups: int, act_arg: float = 0.0) -> Tensor:
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    return conv(h, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_backward(grad: Tensor, h: Tensor, weight: Tensor, has_bias: bool, stride, padding, dilation, groups,
+                  needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    """Gradients of the convolution for (h, weight, bias): the kernel native's ConvolutionBackward0 calls."""
+    unbatched = h.dim() == weight.dim() - 1
+    if unbatched:
+        grad, h = grad.unsqueeze(0), h.unsqueeze(0)
+    n = weight.dim() - 2
+    gh, gw, gb = torch.ops.aten.convolution_backward(
+        grad, h, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
+        False, [0] * n, groups, [needs[0], needs[1], needs[2] and has_bias],
+    )
+    if unbatched and gh is not None:
+        gh = gh.squeeze(0)
+    return [gh, gw, gb if has_bias else None]
+
+
+class _RecomputeConv(torch.autograd.Function):
+    """Keeps x; recomputes h = act(x) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, h, act, weight, bias, stride, padding, dilation, groups, act_arg):
+        out = _forward(torch.ops.graph_rewrite.recompute_conv.default, _conv_kernel,
+                       x, h, act, weight, bias, stride, padding, dilation, groups, act_arg)
+        ctx.act, ctx.act_arg = act, act_arg
+        ctx.conv = (bias is not None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        h = recompute_activation(x, ctx.act, ctx.act_arg)
+        needs = ctx.needs_input_grad
+        gh, gw, gb = conv_backward(grad, h, weight, *ctx.conv, (needs[1], needs[3], needs[4]))
+        return None, gh, None, gw, gb, None, None, None, None, None
+
+
+def _conv_autocast(x, h, act, weight, bias, stride, padding, dilation, groups, act_arg=0.0):
+    return _conv_kernel(x, h, act, weight, bias, stride, padding, dilation, groups)
+
+
+_define("recompute_conv(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+        "int[] dilation, int groups, float act_arg=0.0) -> Tensor",
+        _conv_kernel, _conv_kernel, _RecomputeConv, _any_requires_grad, _conv_autocast)
+
+
+# --------------------------------------------------------------------------- mul
+def _mul_kernel(x: Tensor, h: Tensor, act: str, other: Tensor, act_arg: float = 0.0) -> Tensor:
+    return torch.mul(h, other)
+
+
+def mul_backward(grad: Tensor, h: Tensor, other: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    """Gradients of ``h * other`` for (h, other), reduced to each operand's shape like native's MulBackward0."""
+    gh = (grad * other).sum_to_size(h.shape).to(h.dtype) if needs[0] else None
+    go = (grad * h).sum_to_size(other.shape).to(other.dtype) if needs[1] else None
+    return [gh, go]
+
+
+class _RecomputeMul(torch.autograd.Function):
+    """Keeps x and other; recomputes h = act(x) in backward."""
+
+    @staticmethod
+    def forward(ctx, x, h, act, other, act_arg):
+        out = _forward(torch.ops.graph_rewrite.recompute_mul.default, _mul_kernel, x, h, act, other, act_arg)
+        ctx.act, ctx.act_arg = act, act_arg
+        ctx.save_for_backward(x, other)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, other = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        h = recompute_activation(x, ctx.act, ctx.act_arg) if needs[3] else x  # h only for other's gradient
+        gh, go = mul_backward(grad, h, other, (needs[1], needs[3]))
+        return None, gh, None, go, None
+
+
+def _mul_autocast(x, h, act, other, act_arg=0.0):
+    return torch.mul(h, other)
+
+
+_define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=0.0) -> Tensor",
+        _mul_kernel, _mul_kernel, _RecomputeMul, _any_requires_grad, _mul_autocast)
+
+
+recompute_linear = torch.ops.graph_rewrite.recompute_linear
+recompute_conv = torch.ops.graph_rewrite.recompute_conv
+recompute_mul = torch.ops.graph_rewrite.recompute_mul
