@@ -50,7 +50,7 @@ def _target_name(target: object) -> str:
 
 def _args_text(target: object, values: Sequence[object]) -> str:
     """``beta=1, threshold=20``: the op's arguments after the input, named from the rules table."""
-    names = next((list(r.params) for r in RULES if r.op is target), [])
+    names = next((list(r.params) for r in RULES if r.kind == "output" and r.op is target), [])
     texts = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
     return ", ".join(f"{k}={t}" for k, t in zip(names, texts)) if len(names) == len(texts) else ", ".join(texts)
 

@@ -22,6 +22,9 @@ class Replaced:
     original: str
     lean_op: str
     args: Dict[str, float]
+    kind: str = "output"  # the rule kind that fired (graph_rewrite.rules.KINDS)
+    frees: str = ""  # the node whose value the model no longer keeps for this (kind "recompute")
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class RewriteReport:
         """Replaced nodes per lean op."""
         return dict(Counter(r.lean_op for r in self.replaced))
 
+    def counts_by_kind(self) -> Dict[str, int]:
+        """Replaced nodes per rule kind: ``{"output": 3, "recompute": 12}``."""
+        return dict(Counter(r.kind for r in self.replaced))
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
@@ -70,7 +77,11 @@ class RewriteReport:
                 (r.node, r.where, r.original, r.lean_op, ", ".join(f"{k}={v:g}" for k, v in r.args.items()))
                 for r in self.replaced
             ]
-            lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args")))
+            if any(r.kind != "output" for r in self.replaced):  # the rule kind and what it recomputes
+                rows = [row + (r.kind, r.detail) for row, r in zip(rows, self.replaced)]
+                lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args", "kind", "recomputes")))
+            else:
+                lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args")))
         if self.left_alone:
             lines.append("left alone:")
             rows = [(r.node, r.where, r.original, r.reason) for r in self.left_alone]

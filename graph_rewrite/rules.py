@@ -8,14 +8,22 @@ nodes, a *callable* matches ``call_function`` nodes, and a *string* matches
 Example::
 
     >>> from graph_rewrite.rules import RULES
-    >>> [r.name for r in RULES]
-    ['softplus', 'sigmoid', 'logsigmoid']
+    >>> [r.name for r in RULES if r.kind == "output"]
+    ['softplus', 'sigmoid', 'logsigmoid', 'hardtanh', 'relu6', 'leaky_relu']
+
+Kinds of rule (``rule.kind``):
+
+* ``"output"`` (:class:`Rule`): the activation becomes a lean op that keeps its output.
+* ``"recompute"``: an activation that stays native (:class:`Recomputable`: GELU, SiLU,
+  Hardswish, ...) and the layers after it (:class:`Consumer`: Linear, Conv, mul) that
+  keep the activation's input instead of its output and recompute the output in backward.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,12 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
+from typing import ClassVar, Dict
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.graph_rewrite.*)
 
 Pattern = Union[type, Callable[..., Any], str]
 
-__all__ = ["Rule", "RULES", "Pattern", "is_match", "pattern_name", "rules_for"]
+__all__ = ["Rule", "Recomputable", "Consumer", "RULES", "KINDS", "Pattern", "is_match", "pattern_name", "rules_for"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Rule:
     """
 
     name: str
+    kind: ClassVar[str] = "output"
     op: Any
     params: Mapping[str, float] = field(default_factory=dict)
     patterns: Tuple[Pattern, ...] = ()
@@ -88,17 +98,220 @@ RULES: Tuple[Rule, ...] = (
 )
 
 
-def rules_for(ops: Optional[Sequence[str]]) -> Tuple[Rule, ...]:
-    """The rules named in ``ops`` (all of them for ``None``); unknown names raise ``ValueError``."""
+# ------------------------------------------------------------------ kind "recompute"
+@dataclass(frozen=True)
+class Recomputable:
+    """An activation that stays native; the layers after it recompute it (kind ``"recompute"``).
+
+    name:       what ``optimize(model, ops=[...])`` calls it.
+    function:   the out-of-place functional form, put in place of an in-place spelling.
+    params:     its arguments after the input, with their defaults, in ``function``'s order.
+    patterns:   spellings found (an ``inplace`` argument or attribute is read too).
+    encode:     maps the params to ``(ops.recompute.ACTIVATIONS key, act_arg)``;
+                ``ValueError`` for values the ops cannot recompute.
+    """
+
+    name: str
+    kind: ClassVar[str] = "recompute"
+    function: Callable[..., Any]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    patterns: Tuple[Pattern, ...] = ()
+    encode: Callable[..., Tuple[str, float]] = lambda **kw: ("", 0.0)
+
+
+@dataclass(frozen=True)
+class Attr:
+    """A parameter of a called module (``"fc1.weight"``), put in the graph as a ``get_attr`` node."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that keeps its input for backward and, after a :class:`Recomputable`, can recompute it instead.
+
+    name:       what ``optimize(model, ops=[...])`` calls it.
+    op:         the op inserted: ``op(x, h, act, *read(...), act_arg=..)``.
+    patterns:   spellings found.
+    read:       ``read(node, h, modules)`` gives the op's arguments after ``act`` (its
+                weights as :class:`Attr`), or raises ``ValueError`` saying why not.
+    gated:      the op also takes ``gate=u`` for ``act(x) * u`` as its input (LLaMA's MLP).
+    """
+
+    name: str
+    kind: ClassVar[str] = "recompute"
+    op: Any
+    patterns: Tuple[Pattern, ...]
+    read: Callable[[Node, Node, Mapping[str, nn.Module]], Tuple[Any, ...]]
+    gated: bool = False
+
+
+def _module(node: Node, modules: Mapping[str, nn.Module]) -> nn.Module:
+    module = modules[node.target]
+    if any(getattr(module, d, None) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                               "_backward_pre_hooks")):
+        raise ValueError("the module has hooks, which a function call would skip")
+    return module
+
+
+def _bind(node: Node, names: Sequence[str], defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    P = inspect.Parameter
+    sig = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD, default=defaults.get(n, P.empty)) for n in names])
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError as e:
+        raise ValueError(f"unexpected arguments ({e})") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _first_input(node: Node, h: Node) -> None:
+    if not node.args or node.args[0] is not h or h in node.args[1:] or h in node.kwargs.values():
+        raise ValueError("the activation is not (only) its input")
+
+
+def _read_linear(node: Node, h: Node, modules) -> Tuple[Any, ...]:
+    _first_input(node, h)
+    if node.op == "call_module":
+        m = _module(node, modules)
+        if len(node.args) + len(node.kwargs) != 1:
+            raise ValueError("called with more than one argument")
+        return Attr(f"{node.target}.weight"), None if m.bias is None else Attr(f"{node.target}.bias")
+    a = _bind(node, ("input", "weight", "bias"), {"bias": None})
+    if not isinstance(a["weight"], Node) or not (a["bias"] is None or isinstance(a["bias"], Node)):
+        raise ValueError("weight or bias is not a graph value")
+    return a["weight"], a["bias"]
+
+
+def _tuple(v: Any, n: int, what: str) -> list:
+    v = [v] * n if isinstance(v, int) else list(v)
+    if len(v) != n or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise ValueError(f"{what} is not {n} integer(s) known at trace time ({v!r})")
+    return v
+
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _read_conv(node: Node, h: Node, modules) -> Tuple[Any, ...]:
+    _first_input(node, h)
+    if node.op == "call_module":
+        m = _module(node, modules)
+        if len(node.args) + len(node.kwargs) != 1:
+            raise ValueError("called with more than one argument")
+        if m.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={m.padding_mode!r} (it pads before the convolution)")
+        n = _CONV_DIMS[type(m)]
+        weight = Attr(f"{node.target}.weight")
+        bias = None if m.bias is None else Attr(f"{node.target}.bias")
+        stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
+    else:
+        n = _CONV_DIMS[node.target]
+        a = _bind(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+                  {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+        weight, bias = a["weight"], a["bias"]
+        if not isinstance(weight, Node) or not (bias is None or isinstance(bias, Node)):
+            raise ValueError("weight or bias is not a graph value")
+        stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
+    if padding == "valid":
+        padding = 0
+    if isinstance(padding, str):
+        raise ValueError(f"padding={padding!r}")
+    if not isinstance(groups, int):
+        raise ValueError(f"groups is not an integer known at trace time ({groups!r})")
+    return (weight, bias, _tuple(stride, n, "stride"), _tuple(padding, n, "padding"),
+            _tuple(dilation, n, "dilation"), groups)
+
+
+def _read_mul(node: Node, h: Node, modules) -> Tuple[Any, ...]:
+    if node.kwargs or len(node.args) != 2:
+        raise ValueError("not a call with two operands")
+    a, b = node.args
+    other = b if a is h else a
+    if (a is h) == (b is h) or not isinstance(other, Node):
+        raise ValueError("not the activation times another tensor")
+    return (other,)
+
+
+def _gelu(approximate: str = "none") -> Tuple[str, float]:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate={approximate!r}")
+    return ("gelu" if approximate == "none" else "gelu_tanh"), 0.0
+
+
+def _alpha(name: str) -> Callable[..., Tuple[str, float]]:
+    def encode(alpha: float = 1.0) -> Tuple[str, float]:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ValueError(f"alpha is not a number known at trace time ({alpha!r})")
+        return name, float(alpha)
+    return encode
+
+
+def _plain(name: str) -> Callable[..., Tuple[str, float]]:
+    return lambda: (name, 0.0)
+
+
+def _check_bounds(min_val: float, max_val: float) -> None:
+    if not min_val < max_val:
+        raise ValueError(f"min_val={min_val}, max_val={max_val} (needs min_val < max_val)")
+
+
+def _check_slope(negative_slope: float) -> None:
+    if not (negative_slope >= 0 and math.isfinite(negative_slope)):
+        raise ValueError(f"negative_slope={negative_slope} (the output's sign tells the branch only for a slope >= 0)")
+
+
+# One entry per activation or consumer. Kind "output" first, then kind "recompute".
+RULES = RULES + (
+    Rule("hardtanh", torch.ops.graph_rewrite.hardtanh, {"min_val": -1.0, "max_val": 1.0},
+         (nn.Hardtanh, F.hardtanh), check=_check_bounds),
+    # F.relu6(x) binds as hardtanh(x, 0, 6); nn.ReLU6 carries min_val/max_val itself.
+    Rule("relu6", torch.ops.graph_rewrite.hardtanh, {"min_val": 0.0, "max_val": 6.0}, (nn.ReLU6, F.relu6)),
+    Rule("leaky_relu", torch.ops.graph_rewrite.leaky_relu, {"negative_slope": 0.01},
+         (nn.LeakyReLU, F.leaky_relu), check=_check_slope),
+    Recomputable("gelu", F.gelu, {"approximate": "none"}, (nn.GELU, F.gelu), _gelu),
+    Recomputable("silu", F.silu, {}, (nn.SiLU, F.silu), _plain("silu")),
+    Recomputable("hardswish", F.hardswish, {}, (nn.Hardswish, F.hardswish), _plain("hardswish")),
+    Recomputable("mish", F.mish, {}, (nn.Mish, F.mish), _plain("mish")),
+    Recomputable("elu", F.elu, {"alpha": 1.0}, (nn.ELU, F.elu), _alpha("elu")),
+    Recomputable("celu", F.celu, {"alpha": 1.0}, (nn.CELU, F.celu), _alpha("celu")),
+    Recomputable("selu", F.selu, {}, (nn.SELU, F.selu), _plain("selu")),
+    Consumer("linear", torch.ops.graph_rewrite.recompute_linear, (nn.Linear, F.linear), _read_linear, gated=True),
+    Consumer("conv", torch.ops.graph_rewrite.recompute_conv,
+             (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d), _read_conv),
+    Consumer("mul", torch.ops.graph_rewrite.recompute_mul, (operator.mul, torch.mul, "mul"), _read_mul),
+)
+
+KINDS = ("output", "recompute")
+
+
+def rules_for(ops: Optional[Sequence[str]]) -> Tuple[Any, ...]:
+    """The rules named in ``ops``, by rule name or kind (all of them for ``None``).
+
+    Unknown names raise ``ValueError``. Kind ``"recompute"`` needs both halves: naming
+    only activations (``["gelu"]``) brings every consumer, and naming only consumers
+    (``["linear"]``) brings every recomputable activation.
+
+    >>> [r.name for r in rules_for(["relu6", "gelu"])][:3]
+    ['relu6', 'gelu', 'linear']
+    """
     if ops is None:
         return RULES
     if isinstance(ops, str):
         ops = [ops]
     known = {r.name: r for r in RULES}
-    unknown = [o for o in ops if o not in known]
+    unknown = [o for o in ops if o not in known and o not in KINDS]
     if unknown:
-        raise ValueError(f"unknown op(s) {unknown}; choose from {sorted(known)}")
-    return tuple(known[o] for o in dict.fromkeys(ops))
+        raise ValueError(f"unknown op(s) {unknown}; choose from {sorted(known)} or a kind {list(KINDS)}")
+    chosen = {}
+    for o in ops:
+        for r in (r for r in RULES if r.kind == o) if o in KINDS else (known[o],):
+            chosen.setdefault(r.name, r)
+    picked = tuple(chosen.values())
+    for half, other in ((Recomputable, Consumer), (Consumer, Recomputable)):
+        if any(isinstance(r, half) for r in picked) and not any(isinstance(r, other) for r in picked):
+            picked += tuple(r for r in RULES if isinstance(r, other))
+    return picked
 
 
 def is_match(node: Node, pattern: Pattern, modules: Mapping[str, nn.Module]) -> bool:

@@ -14,6 +14,7 @@ from torch import fx
 from ..report import RewriteReport, Uncovered
 from ..rules import Rule
 from .fx_pass import has_hooks, rewrite_graph, swap_modules
+from .fx_recompute import rewrite_recompute
 
 __all__ = ["RewrittenModule"]
 
@@ -307,6 +308,8 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     for mode, graph in graphs.items():
         if id(graph) not in code_of:
             replaced, left = rewrite_graph(graph, modules, rules)
+            more, more_left = rewrite_recompute(graph, modules, rules)
+            replaced, left = replaced + more, left + more_left
             # The mode graphs mostly repeat each other: report each call site once.
             for rec in replaced:
                 if (rec.node, rec.where) not in seen:

@@ -1,15 +1,18 @@
 """The FX pass: replace activation calls in a graph by the lean ops of the rules table."""
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
 from ..rules import RULES, Pattern, Rule, is_match, pattern_name
 
-__all__ = ["rewrite_graph", "has_hooks", "lean_op_name"]
+__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -34,9 +37,37 @@ def _where(node: Node) -> str:
     return "<root>"
 
 
+# Producers whose result is a fresh tensor, never a view of something else: an in-place
+# activation on it (and on nothing else's behalf) may run out of place instead.
+_FRESH_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.conv._ConvNd, nn.Linear, nn.LayerNorm, nn.GroupNorm)
+_FRESH_FUNCTIONS = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, F.linear,
+                    F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm)
+
+
+def inplace_ok(node: Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether the in-place activation ``node`` may run out of place: its input is a fresh
+    tensor (not a view, input or buffer) that nothing else in the graph reads.
+
+    >>> inplace_ok(relu6_node_after_batchnorm, modules)   # doctest: +SKIP
+    True
+    """
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    if not isinstance(x, Node) or len(x.users) != 1:
+        return False
+    if x.op == "call_module":
+        return isinstance(modules.get(x.target), _FRESH_MODULES)
+    if x.op == "call_method":
+        return x.target in ("add", "sub", "mul")
+    return x.op == "call_function" and x.target in _FRESH_FUNCTIONS
+
+
+def _output_rules(rules: Sequence[Rule]) -> List[Rule]:
+    return [r for r in rules if r.kind == "output"]
+
+
 def _find(node: Node, rules: Sequence[Rule], modules: Mapping[str, nn.Module]):
     """The first (rule, pattern, inplace) whose pattern matches ``node``, else None."""
-    for rule in rules:
+    for rule in _output_rules(rules):
         for inplace, patterns in ((False, rule.patterns), (True, rule.inplace)):
             for pattern in patterns:
                 if is_match(node, pattern, modules):
@@ -54,9 +85,15 @@ def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tupl
             raise ValueError("called with more than one argument")
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
         params = {k: getattr(module, k) for k in rule.params}
+        if getattr(module, "inplace", False) and not inplace_ok(node, modules):
+            raise ValueError("in place, and its input has other uses (or may be a view)")
     else:
+        kwargs = dict(node.kwargs)
+        inplace = kwargs.pop("inplace", False)  # F.relu6(x, inplace=...) and co.
+        if inplace is not False and not (inplace is True and inplace_ok(node, modules)):
+            raise ValueError("in place, and its input has other uses (or may be a view)")
         try:
-            bound = rule.signature.bind(*node.args, **node.kwargs)
+            bound = rule.signature.bind(*node.args, **kwargs)
         except TypeError as e:
             raise ValueError(f"unexpected arguments ({e})") from None
         bound.apply_defaults()
@@ -108,7 +145,7 @@ def rewrite_graph(
         node.meta["graph_rewrite"] = {"was": original, "where": where}
         node.op, node.target = "call_function", rule.op
         node.args, node.kwargs = (x, *params.values()), {}
-        replaced.append(Replaced(node.name, where, original, lean_op_name(rule), params))
+        replaced.append(Replaced(node.name, where, original, lean_op_name(rule), params, frees=x.name))
     graph.lint()
     return replaced, left_alone
 
@@ -145,7 +182,8 @@ def swap_modules(
     for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
         match = next(
-            ((r, p) for r in rules for p in r.patterns if isinstance(p, type) and type(child) is p), None
+            ((r, p) for r in _output_rules(rules) for p in r.patterns if isinstance(p, type) and type(child) is p),
+            None,
         )
         if match is None:
             if descend is not None and not descend(child, path):
@@ -159,6 +197,8 @@ def swap_modules(
         try:
             if has_hooks(child):
                 raise ValueError("the module has hooks, which a function call would skip")
+            if getattr(child, "inplace", False):  # no graph here to tell whether its input has other uses
+                raise ValueError("in place, outside any graph")
             if rule.check is not None:
                 rule.check(**params)
         except ValueError as e:

@@ -1,0 +1,278 @@
+"""The FX pass for kind ``"recompute"``: the layers after GELU/SiLU/... keep the activation's input.
+
+For each activation a :class:`~graph_rewrite.rules.Recomputable` matches, the pass looks
+at every use of its output ``h`` (following aliases: ``Dropout(p=0)``, ``Identity``):
+
+* a :class:`~graph_rewrite.rules.Consumer` (Linear, Conv, mul) becomes its recompute op,
+  which keeps ``x`` (the activation keeps it anyway) instead of ``h``;
+* a use that keeps nothing of ``h`` (add, mean, dropout with p > 0, views whose own uses
+  keep nothing, ...) needs nothing;
+* anything else may keep ``h``, so rewriting would save nothing: the activation is left
+  alone and reported.
+
+In-place spellings (torchvision's ``SiLU(inplace=True)``) clone their input for backward;
+they are made out of place when their input has no other use, which the graph tells.
+A Linear fed by ``act(g) * u`` where that product is used nowhere else gets ``gate=u``: it
+keeps ``g`` and ``u`` (kept by the activation and the mul anyway), not the product.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+from ..report import LeftAlone, Replaced
+from ..rules import Attr, Consumer, Recomputable, is_match, pattern_name
+from .fx_pass import _where, has_hooks, inplace_ok
+
+__all__ = ["rewrite_recompute"]
+
+# Uses that keep nothing of their input for backward (checked on this torch: their
+# backward nodes save shapes, scalars or masks only).
+_FREE_FUNCTIONS = {
+    operator.add, operator.sub, operator.neg, operator.truediv, torch.add, torch.sub, torch.neg,
+    torch.cat, torch.stack, torch.sum, torch.mean,
+}
+_FREE_METHODS = {"add", "sub", "neg", "sum", "mean", "size", "dim"}
+# Views (and copies of them): their own uses decide.
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
+                   torch.squeeze, operator.getitem, torch.chunk, torch.split}
+_VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "contiguous",
+                 "expand", "chunk", "split"}
+
+
+class _Keeps(Exception):
+    """A use of the activation's output that keeps it (or may): nothing to gain."""
+
+
+def _dropout_p(node: Node, modules: Mapping[str, nn.Module]) -> Optional[float]:
+    """Dropout's p for a dropout call that is not in place, else None."""
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.Dropout:
+        m = modules[node.target]
+        return None if m.inplace or has_hooks(m) else float(m.p)
+    if node.op == "call_function" and node.target is F.dropout:
+        sig = inspect.signature(F.dropout)
+        try:
+            a = sig.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        a.apply_defaults()
+        p, inplace = a.arguments["p"], a.arguments["inplace"]
+        return float(p) if isinstance(p, (int, float)) and inplace is False else None
+    return None
+
+
+def _pools_to_one(node: Node, modules: Mapping[str, nn.Module]) -> bool:
+    # adaptive_avg_pool2d to 1x1 is a mean (keeps nothing); other sizes keep their input.
+    if node.op == "call_module" and type(modules.get(node.target)) is nn.AdaptiveAvgPool2d:
+        size = modules[node.target].output_size
+    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d and len(node.args) == 2:
+        size = node.args[1]
+    else:
+        return False
+    return size in (1, (1, 1), [1, 1])
+
+
+def _keeps_nothing(user: Node, value: Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``user`` keeps nothing of ``value`` for backward."""
+    if user.op == "call_function" and user.target in _FREE_FUNCTIONS:
+        return True
+    if user.op == "call_method" and user.target in _FREE_METHODS:
+        return True
+    if user.op == "call_function" and user.target in (operator.mul, torch.mul) or (
+        user.op == "call_method" and user.target == "mul"
+    ):
+        # Times a number: MulBackward keeps the number only.
+        return not any(isinstance(a, Node) for a in user.args if a is not value)
+    p = _dropout_p(user, modules)
+    if p is not None and p > 0:
+        return True  # keeps its mask; its output is a new tensor
+    return _pools_to_one(user, modules)
+
+
+def _is_view(user: Node, modules: Mapping[str, nn.Module]) -> bool:
+    if user.op == "call_function":
+        return user.target in _VIEW_FUNCTIONS
+    if user.op == "call_method":
+        return user.target in _VIEW_METHODS
+    return user.op == "call_module" and type(modules.get(user.target)) is nn.Flatten
+
+
+def _is_alias(user: Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Returns its input itself: ``Dropout(p=0)`` (in both modes) and ``Identity``."""
+    if user.op == "call_module" and type(modules.get(user.target)) is nn.Identity:
+        return True
+    return _dropout_p(user, modules) == 0.0
+
+
+def _match_consumer(user: Node, consumers: Sequence[Consumer], modules) -> Optional[Tuple[Consumer, Any]]:
+    for c in consumers:
+        for pattern in c.patterns:
+            if is_match(user, pattern, modules):
+                return c, pattern
+    return None
+
+
+def _plan(h: Node, consumers: Sequence[Consumer], modules) -> List[Tuple[Node, Node, Consumer, Any, tuple]]:
+    """(use, value it takes, consumer rule, pattern, op args) for every consumer of ``h``.
+
+    Raises :class:`_Keeps` naming a use that keeps ``h`` (or that cannot be rewritten).
+    """
+    plan = []
+
+    def visit(value: Node, through_view: bool) -> None:
+        for user in list(value.users):
+            if user.op == "output":
+                raise _Keeps("the model returns it")
+            if _keeps_nothing(user, value, modules):
+                continue
+            if _is_alias(user, modules):
+                visit(user, through_view)
+                continue
+            if _is_view(user, modules):
+                visit(user, True)
+                continue
+            found = _match_consumer(user, consumers, modules)
+            if found is None:
+                raise _Keeps(f"{user.name} ({user.op} {getattr(user.target, '__name__', user.target)}) may keep it")
+            if through_view:
+                raise _Keeps(f"{user.name} keeps a view of it")
+            rule, pattern = found
+            try:
+                args = rule.read(user, value, modules)
+            except ValueError as e:
+                raise _Keeps(f"{user.name} ({pattern_name(pattern)}) keeps it: {e}") from None
+            plan.append((user, value, rule, pattern, args))
+
+    visit(h, False)
+    return plan
+
+
+def _read_activation(node: Node, rule: Recomputable, modules) -> Tuple[Node, Dict[str, Any], bool]:
+    """(input, params, in place?) of a matched activation call; ``ValueError`` says why not."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        if has_hooks(module):
+            raise ValueError("the module has hooks, which a function call would skip")
+        if len(node.args) + len(node.kwargs) != 1:
+            raise ValueError("called with more than one argument")
+        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        params = {k: getattr(module, k) for k in rule.params}
+        inplace = bool(getattr(module, "inplace", False))
+    else:
+        P = inspect.Parameter
+        sig = inspect.Signature(
+            [P("input", P.POSITIONAL_OR_KEYWORD)]
+            + [P(k, P.POSITIONAL_OR_KEYWORD, default=v) for k, v in rule.params.items()]
+            + [P("inplace", P.POSITIONAL_OR_KEYWORD, default=False)]
+        )
+        try:
+            bound = sig.bind(*node.args, **node.kwargs)
+        except TypeError as e:
+            raise ValueError(f"unexpected arguments ({e})") from None
+        bound.apply_defaults()
+        params = dict(bound.arguments)
+        x, inplace = params.pop("input"), params.pop("inplace")
+        if not isinstance(inplace, bool):
+            raise ValueError(f"inplace is not known at trace time ({inplace!r})")
+    if not isinstance(x, Node):
+        raise ValueError("its input is a constant, not a graph value")
+    return x, params, inplace
+
+
+def _materialize(graph: Graph, before: Node, value: Any) -> Any:
+    if isinstance(value, Attr):
+        with graph.inserting_before(before):
+            return graph.get_attr(value.target)
+    return value
+
+
+def _rewrite_consumer(graph: Graph, user: Node, h: Node, x: Node, rule: Consumer, args: tuple, act: str,
+                      act_arg: float, gate: Optional[Node] = None) -> None:
+    args = tuple(_materialize(graph, user, a) for a in args)
+    kwargs: Dict[str, Any] = {}
+    if gate is not None:
+        kwargs["gate"] = gate
+    if act_arg:
+        kwargs["act_arg"] = act_arg
+    user.op, user.target = "call_function", rule.op
+    user.args, user.kwargs = (x, h, act, *args), kwargs
+
+
+def rewrite_recompute(
+    graph: Graph, modules: Mapping[str, nn.Module], rules: Sequence[Any]
+) -> Tuple[List[Replaced], List[LeftAlone]]:
+    """Rewrite, in place, the consumers of every recomputable activation in ``graph``.
+
+    Each consumer node becomes ``call_function(consumer.op, (x, h, act, ...))``, keeping
+    its name and ``meta`` (plus ``meta["graph_rewrite"]``: what it was, and which node's
+    value it no longer keeps). The caller recompiles the owning ``GraphModule``.
+
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), nn.GELU(), nn.Linear(2, 2)))  # doctest: +SKIP
+    >>> replaced, left = rewrite_recompute(gm.graph, dict(gm.named_modules()), RULES); gm.recompile()  # doctest: +SKIP
+    """
+    acts = [r for r in rules if isinstance(r, Recomputable)]
+    consumers = [r for r in rules if isinstance(r, Consumer)]
+    replaced: List[Replaced] = []
+    left_alone: List[LeftAlone] = []
+    if not acts or not consumers:
+        return replaced, left_alone
+    for node in list(graph.nodes):
+        found = next(((r, p) for r in acts for p in r.patterns if is_match(node, p, modules)), None)
+        if found is None:
+            continue
+        rule, pattern = found
+        original, where = pattern_name(pattern), _where(node)
+        try:
+            x, params, inplace = _read_activation(node, rule, modules)
+            act, act_arg = rule.encode(**params)
+            if inplace and not inplace_ok(node, modules):
+                raise ValueError("in place, and its input has other uses (or may be a view)")
+            plan = _plan(node, consumers, modules)
+        except (ValueError, _Keeps) as e:
+            left_alone.append(LeftAlone(node.name, where, original, f"recompute: {e}"))
+            continue
+        if not plan:
+            continue  # no consumer keeps h: nothing to gain
+        if inplace:
+            # Out of place: the in-place form would clone x for its backward.
+            node.op, node.target = "call_function", rule.function
+            node.args, node.kwargs = (x,), {k: v for k, v in params.items() if v != rule.params.get(k)}
+            node.meta["graph_rewrite"] = {"was": f"{original}(inplace=True)", "where": where}
+            replaced.append(Replaced(node.name, where, f"{original}(inplace=True)", pattern_name(rule.function),
+                                     {}, kind="recompute", frees=""))
+        for user, value, consumer, cpattern, args in plan:
+            _rewrite_consumer(graph, user, value, x, consumer, args, act, act_arg)
+            uwhere = _where(user) if user.op != "call_function" or "nn_module_stack" in user.meta else where
+            user.meta["graph_rewrite"] = {"was": pattern_name(cpattern), "where": uwhere, "frees": node.name}
+            replaced.append(Replaced(user.name, uwhere, pattern_name(cpattern), f"graph_rewrite.recompute_{consumer.name}",
+                                     {"act_arg": act_arg} if act_arg else {}, kind="recompute",
+                                     frees=node.name, detail=f"recomputes {act}({x.name})"))
+            if consumer.name == "mul":
+                replaced += _gate(graph, user, x, args[0], act, act_arg, consumers, modules)
+    graph.lint()
+    return replaced, left_alone
+
+
+def _gate(graph: Graph, product: Node, x: Node, other: Node, act: str, act_arg: float,
+          consumers: Sequence[Consumer], modules) -> List[Replaced]:
+    """Gated consumers of ``product = act(x) * other``: they keep ``x`` and ``other`` instead of it."""
+    gated = [c for c in consumers if c.gated]
+    try:
+        plan = _plan(product, gated, modules)
+    except _Keeps:
+        return []
+    out = []
+    for user, value, consumer, cpattern, args in plan:
+        _rewrite_consumer(graph, user, value, x, consumer, args, act, act_arg, gate=other)
+        where = _where(user)
+        user.meta["graph_rewrite"] = {"was": pattern_name(cpattern), "where": where, "frees": product.name}
+        out.append(Replaced(user.name, where, pattern_name(cpattern), f"graph_rewrite.recompute_{consumer.name}",
+                            {"act_arg": act_arg} if act_arg else {}, kind="recompute", frees=product.name,
+                            detail=f"recomputes {act}({x.name}) * {other.name}"))
+    return out
