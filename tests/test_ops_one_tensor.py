@@ -1,0 +1,181 @@
+"""The ops of issue 12 against native PyTorch: output-derived activations and recompute consumers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import graph_rewrite.ops
+from graph_rewrite.ops.recompute import ACTIVATIONS
+
+lean = torch.ops.graph_rewrite
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+# (name, lean op, native op, args): bounds and slopes include 0, negative bounds and the defaults.
+OUTPUT_CASES = [
+    ("relu6", lean.hardtanh, F.hardtanh, (0.0, 6.0)),
+    ("hardtanh", lean.hardtanh, F.hardtanh, (-1.0, 1.0)),
+    ("hardtanh_-2.5_0.5", lean.hardtanh, F.hardtanh, (-2.5, 0.5)),
+    ("leaky_relu", lean.leaky_relu, F.leaky_relu, (0.01,)),
+    ("leaky_relu_0.2", lean.leaky_relu, F.leaky_relu, (0.2,)),
+    ("leaky_relu_0", lean.leaky_relu, F.leaky_relu, (0.0,)),
+    ("leaky_relu_3", lean.leaky_relu, F.leaky_relu, (3.0,)),
+]
+
+
+def _grid(dtype, args):
+    """Every bound exactly, its neighbours one ulp away, ±0, ±inf, NaN and a random spread."""
+    base = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-30, -1e-30, 1e30, -1e30]
+    x = torch.tensor(base + [float(a) for a in args] + [-float(a) for a in args], dtype=dtype)
+    near = torch.cat([torch.nextafter(x, torch.full_like(x, math.inf)), torch.nextafter(x, torch.full_like(x, -math.inf))])
+    gen = torch.Generator().manual_seed(0)
+    spread = (torch.randn(500, generator=gen, dtype=torch.float64) * 5).to(dtype)
+    return torch.cat([x, near, spread, torch.linspace(-8, 8, 321, dtype=dtype)])
+
+
+def _forward_and_grad(fn, x, g, args):
+    x = x.detach().requires_grad_()
+    y = fn(x, *args)
+    (gx,) = torch.autograd.grad(y, x, g)
+    return y, gx
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,op,native,args", OUTPUT_CASES, ids=[c[0] for c in OUTPUT_CASES])
+def test_output_derived_bitwise_equal_to_native(name, op, native, args, dtype):
+    x = _grid(dtype, args)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y_ref, gx_ref = _forward_and_grad(native, x, g, args)
+    y, gx = _forward_and_grad(op, x, g, args)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
+    assert torch.equal(gx.isnan(), gx_ref.isnan()) and torch.equal(gx.nan_to_num(), gx_ref.nan_to_num())
+
+
+@pytest.mark.parametrize("name,op,native,args", OUTPUT_CASES, ids=[c[0] for c in OUTPUT_CASES])
+def test_output_derived_gradcheck(name, op, native, args):
+    # Away from the kinks, where the derivative is not defined.
+    x = torch.linspace(-7.1, 7.3, 37, dtype=torch.float64)
+    x = x[(x - args[0]).abs() > 1e-3]
+    if len(args) == 2:
+        x = x[(x - args[1]).abs() > 1e-3]
+    x = x[x.abs() > 1e-3].requires_grad_()
+    assert gradcheck(lambda t: op(t, *args), (x,))
+    assert gradgradcheck(lambda t: op(t, *args), (x,))
+
+
+def test_output_derived_keeps_only_the_output():
+    x = torch.randn(64, requires_grad=True) * 4
+    for op, args in ((lean.hardtanh, (0.0, 6.0)), (lean.leaky_relu, (0.1,))):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+            y = op(x, *args)
+        assert len(seen) == 1 and seen[0].data_ptr() == y.data_ptr()
+
+
+def test_output_derived_refuses_what_it_cannot_serve():
+    with pytest.raises(Exception, match="min_val < max_val"):
+        lean.hardtanh(torch.randn(3), 1.0, 1.0)
+    with pytest.raises(Exception, match="negative_slope >= 0"):
+        lean.leaky_relu(torch.randn(3), -0.1)
+
+
+def test_hardsigmoid_output_cannot_tell_its_slope():
+    # Why there is no output-saving hardsigmoid: just below 3, x + 3 rounds to 6, so the
+    # output is exactly 1 (where x >= 3 also gives 1) while native's slope there is 1/6.
+    x = torch.tensor([3.0 - 2.0 ** -22, 3.0], requires_grad=True)
+    y = F.hardsigmoid(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert y[0] == y[1] == 1.0
+    assert gx[0] == 1 / 6 and gx[1] == 0
+
+
+# ------------------------------------------------------------------ recompute consumers
+def _f64(*shape, seed=0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_recompute_linear_gradcheck(act):
+    x, w, b = _f64(3, 5), _f64(4, 5, seed=1), _f64(4, seed=2)
+    f = lambda x, w, b: lean.recompute_linear(x, ACTIVATIONS[act](x, 1.3), act, w, b, None, 1.3)
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+
+
+def test_recompute_linear_gated_gradcheck():
+    x, u, w = _f64(2, 3, 5), _f64(2, 3, 5, seed=3), _f64(4, 5, seed=1)
+    f = lambda x, u, w: lean.recompute_linear(x, F.silu(x) * u, "silu", w, None, u)
+    assert gradcheck(f, (x, u, w))
+    assert gradgradcheck(f, (x, u, w))
+
+
+@pytest.mark.parametrize("dims,groups,unbatched", [(1, 1, False), (2, 1, False), (2, 3, False), (2, 1, True), (3, 1, False)])
+def test_recompute_conv_gradcheck(dims, groups, unbatched):
+    size = (2, 6) + (5,) * dims
+    x, w, b = _f64(*size), _f64(6, 6 // groups, *(3,) * dims, seed=1), _f64(6, seed=2)
+    if unbatched:
+        x = x[0].detach().requires_grad_()
+    n = [1] * dims
+    f = lambda x, w, b: lean.recompute_conv(x, F.hardswish(x), "hardswish", w, b, [2] * dims, n, n, groups)
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+
+
+def test_recompute_mul_gradcheck_with_broadcast():
+    x, s = _f64(2, 3, 4, 4), _f64(2, 3, 1, 1, seed=1)
+    f = lambda x, s: lean.recompute_mul(x, F.gelu(x), "gelu", s)
+    assert gradcheck(f, (x, s))
+    assert gradgradcheck(f, (x, s))
+
+
+def _native_and_lean(native, lean_call, inputs, g):
+    return torch.autograd.grad(native(*inputs), inputs, g), torch.autograd.grad(lean_call(*inputs), inputs, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_recompute_consumers_bitwise_equal_to_native(dtype):
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype).requires_grad_()
+    cases = [
+        ((r(2, 7, 16), r(12, 16), r(12)), lambda x, w, b: F.linear(F.gelu(x, approximate="tanh"), w, b),
+         lambda x, w, b: lean.recompute_linear(x, F.gelu(x, approximate="tanh"), "gelu_tanh", w, b)),
+        ((r(5, 16), r(12, 16), r(12)), lambda x, w, b: F.linear(F.silu(x), w, b),
+         lambda x, w, b: lean.recompute_linear(x, F.silu(x), "silu", w, b)),
+        ((r(2, 4, 8, 8), r(4, 1, 3, 3), r(4)), lambda x, w, b: F.conv2d(F.silu(x), w, b, 1, 1, 1, 4),
+         lambda x, w, b: lean.recompute_conv(x, F.silu(x), "silu", w, b, [1, 1], [1, 1], [1, 1], 4)),
+        ((r(2, 4, 8, 8), r(2, 4, 1, 1)), lambda x, s: s * F.mish(x),
+         lambda x, s: lean.recompute_mul(x, F.mish(x), "mish", s)),
+        ((r(3, 16), r(3, 16), r(5, 16)), lambda x, u, w: F.linear(F.silu(x) * u, w),
+         lambda x, u, w: lean.recompute_linear(x, F.silu(x) * u, "silu", w, None, u)),
+    ]
+    for inputs, native, lean_call in cases:
+        out = native(*inputs)
+        g = torch.randn(out.shape, generator=gen).to(dtype)
+        ref, got = _native_and_lean(native, lean_call, inputs, g)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+
+
+def test_recompute_consumer_keeps_x_not_h():
+    x, w = torch.randn(8, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    h = F.gelu(x)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        lean.recompute_linear(x, h, "gelu", w, None)
+    ptrs = {t.data_ptr() for t in seen}
+    assert x.data_ptr() in ptrs and h.data_ptr() not in ptrs
+
+
+@pytest.mark.parametrize("call", ["linear", "conv", "mul", "hardtanh", "leaky_relu"])
+def test_opcheck(call):
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    args = {
+        "linear": (lean.recompute_linear, (x, F.silu(x).detach(), "silu", torch.randn(4, 5, requires_grad=True), None)),
+        "conv": (lean.recompute_conv, (x, F.silu(x).detach(), "silu", w, None, [1, 1], [0, 0], [1, 1], 1)),
+        "mul": (lean.recompute_mul, (x, F.silu(x).detach(), "silu", torch.randn(2, 3, 1, 1, requires_grad=True))),
+        "hardtanh": (lean.hardtanh, (x, 0.0, 6.0)),
+        "leaky_relu": (lean.leaky_relu, (x, 0.1)),
+    }[call]
+    torch.library.opcheck(*args)
