@@ -219,3 +219,58 @@ def test_autocast_runs_native_consumers():
     assert got.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     got.float().sum().backward()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "small_vit", "gated_mlp"])
+def test_estimated_savings_match_the_measured_drop(name):
+    from graph_rewrite.report import estimated_savings
+
+    model, x = _build(name)
+    lean = optimize(model)
+    measured = _held(model, x) - _held(lean, x)
+    assert estimated_savings(lean, x.detach()) == {"recompute": measured}
+
+
+class SmallConvNet(nn.Module):
+    """BN -> in-place SiLU -> Conv, ReLU6 -> Conv, ELU -> Conv: every kind once."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.act = nn.SiLU(inplace=True)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu6 = nn.ReLU6(inplace=True)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.elu = nn.ELU(0.5)
+        self.conv3 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv3(self.elu(self.conv2(self.relu6(self.bn2(self.conv(self.act(self.bn(x))))))))
+
+
+@pytest.mark.parametrize("make,shape", [(GatedMLP, (2, 16, 32)), (SmallConvNet, (2, 3, 8, 8))], ids=["mlp", "conv"])
+def test_script_and_export_keep_the_ops(make, shape):
+    torch.manual_seed(0)
+    model, x = make().train(), torch.randn(shape)
+    lean = optimize(model)
+    assert set(lean.rewrite_report.counts_by_kind()) >= {"recompute"}
+    scripted = torch.jit.script(lean)
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+    exported = torch.export.export(lean, (x,)).run_decompositions()
+    kept = [n for n in exported.graph.nodes if "graph_rewrite" in str(n.target)]
+    assert len(kept) == sum(lean.rewrite_report.counts().get(k, 0) for k in lean.rewrite_report.counts()
+                            if k.startswith("graph_rewrite."))
+
+
+def test_inductor_compile_of_optimized_model_trains_like_native():
+    torch.manual_seed(0)
+    model, x = SmallConvNet().train(), torch.randn(2, 3, 8, 8, requires_grad=True)
+    lean = optimize(model)
+    compiled = torch.compile(lean)
+    out = compiled(x)
+    params = list(model.parameters())
+    got = torch.autograd.grad(out.sum(), [x, *params])
+    ref = torch.autograd.grad(model(x).sum(), [x, *params])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

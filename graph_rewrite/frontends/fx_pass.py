@@ -61,6 +61,10 @@ def inplace_ok(node: Node, modules: Mapping[str, nn.Module]) -> bool:
     return x.op == "call_function" and x.target in _FRESH_FUNCTIONS
 
 
+# Rules whose native op keeps its output already: rewriting them frees nothing.
+_NATIVE_KEEPS_OUTPUT = {"sigmoid"}
+
+
 def _output_rules(rules: Sequence[Rule]) -> List[Rule]:
     return [r for r in rules if r.kind == "output"]
 
@@ -145,7 +149,8 @@ def rewrite_graph(
         node.meta["graph_rewrite"] = {"was": original, "where": where}
         node.op, node.target = "call_function", rule.op
         node.args, node.kwargs = (x, *params.values()), {}
-        replaced.append(Replaced(node.name, where, original, lean_op_name(rule), params, frees=x.name))
+        frees = "" if rule.name in _NATIVE_KEEPS_OUTPUT else x.name
+        replaced.append(Replaced(node.name, where, original, lean_op_name(rule), params, frees=frees))
     graph.lint()
     return replaced, left_alone
 

@@ -244,8 +244,8 @@ def rewrite_recompute(
             node.op, node.target = "call_function", rule.function
             node.args, node.kwargs = (x,), {k: v for k, v in params.items() if v != rule.params.get(k)}
             node.meta["graph_rewrite"] = {"was": f"{original}(inplace=True)", "where": where}
-            replaced.append(Replaced(node.name, where, f"{original}(inplace=True)", pattern_name(rule.function),
-                                     {}, kind="recompute", frees=""))
+            replaced.append(Replaced(node.name, where, f"{original}(inplace=True)", f"{pattern_name(rule.function)} (out of place)",
+                                     {}, kind="recompute", detail="its consumers keep its input"))
         for user, value, consumer, cpattern, args in plan:
             _rewrite_consumer(graph, user, value, x, consumer, args, act, act_arg)
             uwhere = _where(user) if user.op != "call_function" or "nn_module_stack" in user.meta else where
