@@ -58,6 +58,7 @@ class RewriteReport:
     replaced: List[Replaced] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
     uncovered: List[Uncovered] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # caveats of the rules that fired (autocast, ...)
 
     def counts(self) -> Dict[str, int]:
         """Replaced nodes per lean op."""
@@ -86,6 +87,8 @@ class RewriteReport:
             lines.append("left alone:")
             rows = [(r.node, r.where, r.original, r.reason) for r in self.left_alone]
             lines.append(tabulate(rows, headers=("node", "where", "spelling", "reason")))
+        for note in self.notes:
+            lines.append(f"note: {note}")
         if self.uncovered:
             lines.append("not traced (activation modules inside are swapped; functional calls stay native):")
             lines.append(tabulate([(u.module or "<root>", u.reason) for u in self.uncovered], headers=("module", "reason")))

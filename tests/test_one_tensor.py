@@ -219,6 +219,8 @@ def test_autocast_runs_native_consumers():
     assert got.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
     got.float().sum().backward()
+    assert any("autocast" in n for n in lean.rewrite_report.notes)
+    assert "autocast" in str(lean.rewrite_report)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "small_vit", "gated_mlp"])

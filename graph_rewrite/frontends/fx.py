@@ -18,6 +18,11 @@ from .fx_recompute import rewrite_recompute
 
 __all__ = ["RewrittenModule"]
 
+AUTOCAST_NOTE = (
+    "recompute consumers stay off under autocast: there they run the native layer, in autocast's "
+    "dtypes, and keep what it keeps (no saving from them)"
+)
+
 # Per-module containers that a shallow copy would otherwise share with the original.
 _CONTAINERS = (
     "_parameters", "_buffers", "_non_persistent_buffers_set", "_forward_hooks",
@@ -292,6 +297,7 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
         report.replaced.append(dataclasses.replace(rec, where=_join(path, rec.where)))
     report.left_alone += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.left_alone]
     report.uncovered += [Uncovered(_join(path, u.module), u.reason) for u in sub.uncovered]
+    report.notes += [n for n in sub.notes if n not in report.notes]
     return True
 
 
@@ -328,6 +334,8 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
         report.uncovered.append(Uncovered(path, reasons[path]))
     if reasons:
         report.tracing = f"partial: {len(reasons)} module(s) kept as calls"
+    if any(r.kind == "recompute" for r in report.replaced) and AUTOCAST_NOTE not in report.notes:
+        report.notes.append(AUTOCAST_NOTE)
 
     gm = _build(root, graphs["current"], list(graphs.values()), constants)
     if len(set(codes.values())) > 1:  # the code reads self.training somewhere
