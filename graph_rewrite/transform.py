@@ -20,16 +20,18 @@ __all__ = ["optimize", "RewrittenModule"]
 def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Module:
     """Return a copy of ``model`` whose activations save their output, not their input, for backward.
 
-    The model is traced with ``torch.fx``; every softplus, sigmoid and logsigmoid
-    spelling (see :mod:`graph_rewrite.rules`) becomes a ``torch.ops.graph_rewrite``
-    op. ``model`` itself is not modified: the result has new module objects but
+    The model is traced with ``torch.fx`` and every rule of :mod:`graph_rewrite.rules`
+    applies: activations of kind ``"output"`` (softplus, sigmoid, logsigmoid, hardtanh,
+    relu6, leaky_relu) become ``torch.ops.graph_rewrite`` ops that keep their output;
+    for kind ``"recompute"``, the Linear/Conv/mul after a GELU, SiLU, Hardswish, ...
+    becomes an op that keeps the activation's input and recomputes it. ``model`` itself is not modified: the result has new module objects but
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
     mode, and carries ``.rewrite_report``. Modules FX cannot trace are kept as
     calls, with their activation modules swapped, and a warning names them.
 
     Args:
         model: any ``nn.Module`` (not a ``torch.jit.ScriptModule``).
-        ops: the rule names to apply, e.g. ``["softplus"]``; default all.
+        ops: the rule names or kinds to apply, e.g. ``["softplus"]`` or ``["recompute"]``; default all.
 
     Returns:
         A :class:`RewrittenModule` (a ``torch.fx.GraphModule``), or, when the
