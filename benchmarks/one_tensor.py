@@ -154,6 +154,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="vit_b_16 at batch 1, few timed steps")
     ap.add_argument("--out", default=str(Path(__file__).with_name("ONE_TENSOR.md")))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the timings (default 1: the 2 cores are shared with other jobs)")
     args = ap.parse_args()
     start, (tot0, idle0) = time.time(), _cpu_busy()
     load0 = os.getloadavg()[0]
@@ -170,9 +172,12 @@ def main() -> None:
     print(f"llama_mlp intermediates held: native {inter['native']:.2f}, lean {inter['lean']:.2f}", flush=True)
     comp = compiled_row()
     print("llama_mlp compiled:", {k: f"{v/MiB:.2f} MiB" for k, v in comp.items()}, flush=True)
-    pairs = 4 if args.quick else 15
-    times = [step_times("efficientnet_b0", (2, 3, 64, 64), pairs),
-             step_times("vit_b_16", (1, 3, 224, 224), 3 if args.quick else 7)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    times = [step_times("efficientnet_b0", (2, 3, 64, 64), 4 if args.quick else 21),
+             step_times("efficientnet_b0", (2, 3, 224, 224), 2 if args.quick else 7),
+             step_times("vit_b_16", (1, 3, 224, 224), 2 if args.quick else 7)]
+    torch.set_num_threads(threads)
     for t in times:
         print(f"step {t['name']} {t['shape']}: native {t['native_ms']:.1f} ms, lean {t['lean_ms']:.1f} ms, "
               f"lean/native median {t['ratio']:.3f} (range {t['lo']:.3f}-{t['hi']:.3f}, {t['pairs']} pairs)", flush=True)
@@ -223,7 +228,7 @@ def main() -> None:
         "",
         "One training step (forward, `sum().backward()`, gradients set to None), one warm-up each, then "
         "native and lean alternately (the order flips every pair). *median ratio*: median of the per-pair "
-        "ratios; *range*: their min–max.",
+        f"ratios; *range*: their min–max. torch threads: {args.threads}.",
         "",
         "| model | input | pairs | native ms (median) | lean ms (median) | lean / native, median ratio | range | ratio of medians |",
         "|---|---|---|---|---|---|---|---|",
