@@ -276,3 +276,16 @@ def test_inductor_compile_of_optimized_model_trains_like_native():
     ref = torch.autograd.grad(model(x).sum(), [x, *params])
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_estimated_savings_touches_no_buffer_or_rng():
+    from graph_rewrite.report import estimated_savings
+
+    model, x = _build("efficientnet_b0")
+    lean = optimize(model)
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    estimated_savings(lean, x.detach())
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
