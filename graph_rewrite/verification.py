@@ -202,19 +202,40 @@ def _json_ready(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- nested values
-def _leaves(obj: Any, path: str) -> Iterator[Tuple[str, Any]]:
-    """(path, leaf) pairs of a nest of tuples, lists and dicts: ``out[0]['boxes']``."""
+def _leaves(obj: Any, path: str, _within: frozenset = frozenset()) -> Iterator[Tuple[str, Any]]:
+    """(path, leaf) pairs of a nest of tuples, lists, dicts and plain objects: ``out[0]['boxes']``.
+
+    A plain object (a class without ``__eq__`` of its own, such as a Hugging Face
+    ``DynamicCache``) is entered through its attributes: compared as a whole it would
+    be equal only to itself, and its tensors are what the model computed.
+    """
+    if id(obj) in _within:  # a cycle back to an enclosing object
+        return
+    inner = _within | {id(obj)}
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _leaves(v, f"{path}[{k!r}]")
+            yield from _leaves(v, f"{path}[{k!r}]", inner)
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         for k, v in zip(obj._fields, obj):
-            yield from _leaves(v, f"{path}.{k}")
+            yield from _leaves(v, f"{path}.{k}", inner)
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _leaves(v, f"{path}[{i}]")
+            yield from _leaves(v, f"{path}[{i}]", inner)
+    elif _is_plain_object(obj):
+        for k, v in vars(obj).items():
+            yield from _leaves(v, f"{path}.{k}", inner)
     else:
         yield path, obj
+
+
+def _is_plain_object(obj: Any) -> bool:
+    """An instance of an ordinary class that compares by identity only (no ``__eq__`` of its own)."""
+    return (
+        hasattr(obj, "__dict__")
+        and type(obj).__eq__ is object.__eq__
+        and not isinstance(obj, (Tensor, nn.Module, type))
+        and not callable(obj)
+    )
 
 
 def _map_tensors(obj: Any, fn: Callable[[str, Tensor], Any], path: str) -> Any:
