@@ -118,7 +118,8 @@ def graph_diff(original: nn.Module, optimized: nn.Module, context: int = 2, tabl
     parts: List[str] = []
     before, why = _original_code(original, optimized)
     if not isinstance(optimized, fx.GraphModule):
-        parts.append("(no code diff: the optimized model is not a GraphModule; its activation modules were swapped)")
+        parts.append("(no code diff: the optimized model is not a GraphModule; its forward runs under the runtime "
+                     "front end, whose call sites are listed from their first call)")
     elif before is None:
         parts.append(f"(no code diff: {why})")
     else:
@@ -126,7 +127,10 @@ def graph_diff(original: nn.Module, optimized: nn.Module, context: int = 2, tabl
             _readable(before), _readable(optimized.code), "original", "optimized", n=max(0, context), lineterm=""
         ))
         parts.append("\n".join(diff) if diff else "(the code is unchanged)")
-    if table:
+    report = getattr(optimized, "rewrite_report", None)
+    if table and not isinstance(optimized, fx.GraphModule) and report is not None and report.replaced:
+        parts.append(str(report))  # call sites of the runtime front end, with file:line
+    elif table:
         rows = rewritten_nodes(optimized)
         parts.append(f"{len(rows)} node(s) rewritten:\n" + tabulate(rows, headers=("node", "where", "was", "now", "args"))
                      if rows else "no node was rewritten")

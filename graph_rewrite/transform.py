@@ -10,7 +10,7 @@ from .frontends.fx import (
     RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, _trace_on_its_own,
     _warn_uncovered,
 )
-from .frontends.fx_pass import swap_modules
+from .frontends.runtime import run_under_mode
 from .report import RewriteReport, Uncovered
 from .rules import Rule, rules_for
 
@@ -22,10 +22,12 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
 
     The model is traced with ``torch.fx``; every softplus, sigmoid and logsigmoid
     spelling (see :mod:`graph_rewrite.rules`) becomes a ``torch.ops.graph_rewrite``
-    op. ``model`` itself is not modified: the result has new module objects but
+    op. Code FX cannot trace (a module, or the model's own ``forward``) runs under
+    the runtime front end (:mod:`graph_rewrite.frontends.runtime`), which sends the
+    same calls to the same ops as they happen; a warning names those modules.
+    ``model`` itself is not modified: the result has new module objects but
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
-    mode, and carries ``.rewrite_report``. Modules FX cannot trace are kept as
-    calls, with their activation modules swapped, and a warning names them.
+    mode, and carries ``.rewrite_report``.
 
     Args:
         model: any ``nn.Module`` (not a ``torch.jit.ScriptModule``).
@@ -33,8 +35,8 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
 
     Returns:
         A :class:`RewrittenModule` (a ``torch.fx.GraphModule``), or, when the
-        model's own ``forward`` cannot be traced, a copy of the model with
-        activation modules swapped.
+        model's own ``forward`` cannot be traced, a copy of the model (same class)
+        whose ``forward`` runs under the runtime front end.
 
     Example::
 
@@ -53,19 +55,23 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     rules: Tuple[Rule, ...] = rules_for(ops)
     root = _clone_tree(model)
     report = RewriteReport()
+    traced: list = []
     try:
         if "forward" in model.__dict__:
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
         graphs, reasons, constants = _trace_modes(root)
     except _RootUntraceable as e:
-        report = RewriteReport("root not traced", uncovered=[Uncovered("", str(e))])
-
-        def descend(child: nn.Module, path: str) -> bool:
-            return not _trace_on_its_own(child, path, rules, report)
-
-        replaced, left = swap_modules(root, rules, descend=descend)
-        report.replaced += replaced
-        report.left_alone += left
+        # FX cannot trace the model's own forward: submodules FX can trace on their own
+        # get graphs, and the copy's forward runs under the runtime front end, which
+        # reaches every other call as it happens.
+        report = RewriteReport("root not traced: runtime front end", uncovered=[Uncovered("", str(e))])
+        for path, child in root.named_modules():
+            # torch's own modules hold no code worth a graph of its own: the mode reaches them.
+            if path and not type(child).__module__.startswith("torch.") \
+                    and not any(path.startswith(p + ".") for p in traced):
+                if _trace_on_its_own(child, path, rules, report):
+                    traced.append(path)
+        run_under_mode(root, rules, report)
         _warn_uncovered(report)
         root.rewrite_report = report
         return root

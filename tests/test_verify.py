@@ -488,8 +488,11 @@ def test_graph_diff_falls_back_to_the_table_when_the_original_cannot_be_traced()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lean = optimize(model)
+    assert "no node was rewritten" in graph_diff(model, lean)  # call sites are recorded as they run
+    lean(torch.ones(3, requires_grad=True))
     text = graph_diff(model, lean)
-    assert "no code diff" in text and "nn.Sigmoid" in text
+    assert "no code diff" in text and "runtime front end" in text
+    assert "torch.sigmoid" in text and "graph_rewrite.sigmoid" in text and "test_verify.py:" in text
 
 
 class _Cache:
