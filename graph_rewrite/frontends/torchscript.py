@@ -100,7 +100,8 @@ def _types(module: nn.Module) -> Dict[str, List[str]]:
 def _check_types_not_shared(original: nn.Module, copy: nn.Module) -> None:
     theirs = [sub._c._type() for sub in original.modules() if isinstance(sub, torch.jit.ScriptModule)]
     for sub in copy.modules():
-        if isinstance(sub, torch.jit.ScriptModule) and any(sub._c._type() is t or sub._c._type() == t for t in theirs):
+        # ClassType equality is identity: a re-imported type with the same name is not equal.
+        if isinstance(sub, torch.jit.ScriptModule) and any(sub._c._type() == t for t in theirs):
             raise ScriptRewriteError(
                 f"the copy shares type {sub._c._type().qualified_name()} with the original; "
                 "rewriting it would change the original's methods"
