@@ -12,7 +12,7 @@ For users who have a ``.pt`` TorchScript archive (``torch.jit.save``) and no eag
 2. **Rewrite node by node, in place.** Every function of the new compilation unit is
    visited: each method of each submodule type, and each free function that a method
    calls (``F.sigmoid`` compiles to a ``prim::CallFunction``; the executor inlines the
-   rewritten function). Each ``aten`` node that a rule of :data:`graph_rewrite.rules.RULES`
+   rewritten function), and the ``torch.jit.fork`` closures inside them. Each ``aten`` node that a rule of :data:`graph_rewrite.rules.RULES`
    names in ``jit_ops`` gets a lean-op node inserted *at its own position*, its uses
    are moved to the new node, and it is destroyed. Staying at the same position keeps
    the order with respect to in-place ops on the same tensors (a pattern rewriter that
@@ -27,9 +27,9 @@ For users who have a ``.pt`` TorchScript archive (``torch.jit.save``) and no eag
    tensors, as the FX front end does: gradients land in the original's parameters, and
    ``state_dict()`` keys are the same.
 
-Anything the pass cannot handle (a module ``torch.jit.save`` refuses, an activation inside
-a ``torch.jit.fork`` closure, which is a graph attribute rather than a function) raises
-:class:`ScriptRewriteError` before the copy is returned: the result is never half-rewritten.
+A module the pass cannot handle (one ``torch.jit.save`` refuses, such as a module calling a
+``@torch.jit.ignore`` Python function, or one whose types the copy would share) raises
+:class:`ScriptRewriteError`, and no copy is returned: the result is never half-rewritten.
 
 Example::
 
@@ -223,6 +223,7 @@ def rewrite_script_graph(
     Each node becomes a call of the rule's lean op at the same position in the
     same block, so mutation order is kept. In-place forms, ``out=`` overloads,
     known non-float inputs and non-constant arguments are left alone and reported.
+    Closures of ``torch.jit.fork`` (graphs held in a node attribute) are rewritten too.
 
     >>> fn = torch.jit.script(lambda x: torch.sigmoid(x))                  # doctest: +SKIP
     >>> replaced, left = rewrite_script_graph(fn.graph)                    # doctest: +SKIP
@@ -246,27 +247,14 @@ def rewrite_script_graph(
         kind = node.kind()
         _replace(graph, node, rule, x, values)
         replaced.append(Replaced(name, where, kind, lean_op_name(rule), params))
+    for node in _nodes(graph):
+        # A torch.jit.fork closure is a graph held in the node's attribute, not a function.
+        if "Subgraph" in node.attributeNames():
+            sub = rewrite_script_graph(node.g("Subgraph"), rules, f"{where} ({node.kind()} closure)")
+            replaced += sub[0]
+            left_alone += sub[1]
     torch._C._jit_pass_lint(graph)
     return replaced, left_alone
-
-
-def _check_closures(functions: Sequence[torch.jit.ScriptFunction], rules: Sequence[Rule]) -> None:
-    """Raise if an activation sits in a subgraph attribute (a ``fork`` closure), which the pass does not visit."""
-    kinds = {k for r in rules for k in (*r.jit_ops, *r.jit_inplace)}
-
-    def search(graph, fn_name):
-        for node in _nodes(graph):
-            if "Subgraph" in node.attributeNames():
-                sub = node.g("Subgraph")
-                if any(n.kind() in kinds for n in _nodes(sub)):
-                    raise ScriptRewriteError(
-                        f"{_readable(fn_name)}: an activation inside a {node.kind()} closure; "
-                        "the TorchScript front end does not rewrite closures (move the code into a function)"
-                    )
-                search(sub, fn_name)
-
-    for fn in functions:
-        search(fn.graph, fn.qualified_name)
 
 
 def _readable(qualified: str) -> str:
@@ -305,7 +293,6 @@ def optimize_script(module: torch.jit.ScriptModule, rules: Sequence[Rule] = RULE
     lean, cu = fresh_copy(module)
     _check_types_not_shared(module, lean)
     functions = sorted(cu.get_functions(), key=lambda f: f.qualified_name)
-    _check_closures(functions, rules)
     paths = _types(lean)
     report = RewriteReport(tracing=f"TorchScript, {len(functions)} methods and functions")
     for fn in functions:
