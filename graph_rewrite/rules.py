@@ -42,6 +42,9 @@ class Rule:
     patterns:   spellings that are rewritten.
     inplace:    spellings that are found but left native (they mutate their input).
     check:      raises ``ValueError`` for argument values the lean op cannot serve.
+    jit_ops:    TorchScript node kinds that are rewritten; their schema arguments
+                named like ``params`` are read as the op's parameters (constants only).
+    jit_inplace: TorchScript node kinds that are found but left native.
     """
 
     name: str
@@ -50,6 +53,8 @@ class Rule:
     patterns: Tuple[Pattern, ...] = ()
     inplace: Tuple[Pattern, ...] = ()
     check: Optional[Callable[..., None]] = None
+    jit_ops: Tuple[str, ...] = ()
+    jit_inplace: Tuple[str, ...] = ()
 
     @property
     def signature(self) -> inspect.Signature:
@@ -72,6 +77,7 @@ RULES: Tuple[Rule, ...] = (
         params={"beta": 1.0, "threshold": 20.0},
         patterns=(nn.Softplus, F.softplus),
         check=_check_softplus,
+        jit_ops=("aten::softplus",),
     ),
     Rule(
         name="sigmoid",
@@ -79,11 +85,15 @@ RULES: Tuple[Rule, ...] = (
         # F.sigmoid is a Python function that FX traces into x.sigmoid().
         patterns=(nn.Sigmoid, torch.sigmoid, torch.special.expit, F.sigmoid, "sigmoid"),
         inplace=(torch.sigmoid_, "sigmoid_"),
+        # torch.special.expit and F.sigmoid compile to aten::sigmoid too.
+        jit_ops=("aten::sigmoid",),
+        jit_inplace=("aten::sigmoid_",),
     ),
     Rule(
         name="logsigmoid",
         op=torch.ops.graph_rewrite.logsigmoid,
         patterns=(nn.LogSigmoid, F.logsigmoid),
+        jit_ops=("aten::log_sigmoid",),
     ),
 )
 

@@ -11,6 +11,7 @@ from .frontends.fx import (
     _warn_uncovered,
 )
 from .frontends.runtime import run_under_mode
+from .frontends.torchscript import optimize_script
 from .report import RewriteReport, Uncovered
 from .rules import Rule, rules_for
 
@@ -20,7 +21,7 @@ __all__ = ["optimize", "RewrittenModule"]
 def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Module:
     """Return a copy of ``model`` whose activations save their output, not their input, for backward.
 
-    The model is traced with ``torch.fx``; every softplus, sigmoid and logsigmoid
+    An eager model is traced with ``torch.fx``; every softplus, sigmoid and logsigmoid
     spelling (see :mod:`graph_rewrite.rules`) becomes a ``torch.ops.graph_rewrite``
     op. Code FX cannot trace (a module, or the model's own ``forward``) runs under
     the runtime front end (:mod:`graph_rewrite.frontends.runtime`), which sends the
@@ -29,14 +30,19 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
     mode, and carries ``.rewrite_report``.
 
+    A ``torch.jit.ScriptModule`` (scripted, traced or loaded) goes to the TorchScript
+    front end (:mod:`graph_rewrite.frontends.torchscript`): the result is a rewritten
+    ScriptModule copy that shares the parameters and carries ``.rewrite_report``.
+
     Args:
-        model: any ``nn.Module`` (not a ``torch.jit.ScriptModule``).
+        model: any ``nn.Module``, a ``torch.jit.ScriptModule`` included.
         ops: the rule names to apply, e.g. ``["softplus"]``; default all.
 
     Returns:
-        A :class:`RewrittenModule` (a ``torch.fx.GraphModule``), or, when the
-        model's own ``forward`` cannot be traced, a copy of the model (same class)
-        whose ``forward`` runs under the runtime front end.
+        For a ScriptModule, a ScriptModule. Otherwise a :class:`RewrittenModule`
+        (a ``torch.fx.GraphModule``), or, when the model's own ``forward`` cannot be
+        traced, a copy of the model (same class) whose ``forward`` runs under the
+        runtime front end.
 
     Example::
 
@@ -47,12 +53,9 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(
-            "optimize() takes the eager nn.Module, not a TorchScript module: "
-            "call optimize(model) first, then torch.jit.script() the result"
-        )
     rules: Tuple[Rule, ...] = rules_for(ops)
+    if isinstance(model, torch.jit.ScriptModule):
+        return optimize_script(model, rules)
     root = _clone_tree(model)
     report = RewriteReport()
     traced: list = []
