@@ -386,13 +386,11 @@ def write_markdown(path: str, results: List[Dict[str, Any]], names: Sequence[str
         "loss dict and backward covers the whole model; quantized names are the float, "
         "quantization-ready models (`quantize=False`), since an int8 model has no gradients.",
         "",
-        "Where the saving column shows bytes (e.g. `-67,896 B`), before and after differ (by less "
-        "than 0.2%) although no rewrite that could change memory happened (none, or only sigmoid): "
-        "that is noise in the measurement, not the rewrite. "
-        "`graph_rewrite.memory.saved_bytes` counts every storage saved during forward once, keyed by "
-        "address, including those of graph branches freed before forward ends (the detection models' "
-        "post-processing frees about half of what it saves); when a freed address is reused the count "
-        "changes, so the same model measured twice differs likewise. *Seconds* are wall time on a "
+        "*Activation MiB* counts what autograd still holds when forward ends "
+        "(`graph_rewrite.memory.saved_bytes`: every storage saved for backward and alive when the "
+        "forward returns, each once, tracked by weak reference, so storages of graph branches freed "
+        "during forward, such as the detection models' post-processing, do not count, and the same "
+        "model measured twice gives the same figure). *Seconds* are wall time on a "
         "2-core machine shared with other work, so they vary by 2x or more between similar models.",
         "",
     ]

@@ -3,6 +3,7 @@
     graph-rewrite efficientnet_b0 --shape 2,3,224,224 --show-graph
     python -m graph_rewrite mypkg.models:build --weights ckpt.pt --ops softplus
     graph-rewrite resnet50 --pretrained      # default weights from the torch hub cache, no download
+    graph-rewrite model.pt --shape 8,3,64,64 --out model_lean.pt   # a TorchScript archive
 
 Exit status 0 when verification passed, 1 when a check failed, 2 for bad input.
 """
@@ -18,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["main", "build_model", "load_weights", "hub_checkpoint"]
+__all__ = ["main", "build_model", "load_archive", "load_weights", "hub_checkpoint"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -89,6 +90,31 @@ def build_model(spec: str, pretrained: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def is_archive(spec: str) -> bool:
+    """Whether ``spec`` names a TorchScript archive (an existing file, or a path ending in .pt/.pth/.zip)."""
+    import os
+
+    return os.path.isfile(spec) or spec.endswith((".pt", ".pth", ".zip"))
+
+
+def load_archive(path: str) -> torch.jit.ScriptModule:
+    """``torch.jit.load(path)`` on CPU, with a ``ValueError`` that says what is wrong.
+
+    >>> load_archive("model.pt")                     # doctest: +SKIP
+    """
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"no TorchScript archive at {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+            return torch.jit.load(path, map_location="cpu")
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a TorchScript archive torch.jit.load can read ({type(e).__name__}: {first})") from None
 
 
 def hub_checkpoint(name: str):
@@ -215,7 +241,8 @@ def _shape(text: str) -> List[int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graph-rewrite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="torchvision model name (e.g. efficientnet_b0) or package.module:factory")
+    p.add_argument("model", help="torchvision model name (e.g. efficientnet_b0), package.module:factory, "
+                                 "or the path of a TorchScript archive (torch.jit.save)")
     p.add_argument("--shape", type=_shape, default=[2, 3, 224, 224], help="input shape (default 2,3,224,224)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -229,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--show-graph", action="store_true", help="print the rewritten regions of the graph")
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N forward+backward iterations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="PATH", help="save the rewritten TorchScript archive here (archive input only)")
     return p
 
 
@@ -242,8 +270,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but CUDA is not available here")
-        steps(f"building {args.model}")
-        model = build_model(args.model, pretrained=args.pretrained)
+        archive = is_archive(args.model)
+        if args.out and not archive:
+            raise ValueError("--out saves a TorchScript archive: give the path of one (torch.jit.save) as the model")
+        if archive and args.pretrained:
+            raise ValueError("--pretrained takes a torchvision model name, not a TorchScript archive")
+        steps(f"{'loading' if archive else 'building'} {args.model}")
+        model = load_archive(args.model) if archive else build_model(args.model, pretrained=args.pretrained)
         if args.weights:
             load_weights(model, args.weights)
         model = model.to(device=args.device, dtype=DTYPES[args.dtype]).train(args.mode == "train")
@@ -255,6 +288,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gen = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.shape, generator=gen).to(device=args.device, dtype=DTYPES[args.dtype])
         report = verify(model, lean, x, seed=args.seed, time_iters=args.time)
+        if args.out:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(lean, args.out)
         steps("done")
     except (ValueError, TypeError) as e:
         steps.close()

@@ -25,6 +25,7 @@ import difflib
 import re
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 from tabulate import tabulate
 from torch import fx
@@ -95,6 +96,36 @@ def _original_code(original: nn.Module, optimized: nn.Module) -> Tuple[Optional[
         return None, f"the original model could not be traced ({type(e).__name__}: {first})"
 
 
+# TorchScript IR: unnamed values print as %<number>, renumbered when a node is inserted
+# anywhere before them; source comments are long and the same on both sides.
+_UNNAMED = re.compile(r"%\d+\b")
+_SOURCE = re.compile(r"\s+# \S+:\d+:\d+$")
+
+
+def _script_diff(original: nn.Module, optimized: nn.Module, context: int) -> str:
+    """Unified diff of ``inlined_graph``: the original's (re-imported, so names match) vs the optimized one's.
+
+    Lines are matched with unnamed values' numbers blanked out, so an inserted
+    constant does not turn every later line into a change; they print as they are.
+    """
+    from .frontends.torchscript import fresh_copy
+
+    before = [_SOURCE.sub("", line) for line in str(fresh_copy(original)[0].inlined_graph).splitlines()]
+    after = [_SOURCE.sub("", line) for line in str(optimized.inlined_graph).splitlines()]
+    matcher = difflib.SequenceMatcher(None, [_UNNAMED.sub("%_", l) for l in before],
+                                      [_UNNAMED.sub("%_", l) for l in after], autojunk=False)
+    out = ["--- original (inlined_graph)", "+++ optimized (inlined_graph)"]
+    for group in matcher.get_grouped_opcodes(max(0, context)):
+        i1, j1, i2, j2 = group[0][1], group[0][3], group[-1][2], group[-1][4]
+        out.append(f"@@ -{i1 + 1},{i2 - i1} +{j1 + 1},{j2 - j1} @@")
+        for tag, a1, a2, b1, b2 in group:
+            if tag == "equal":
+                out += [" " + l for l in after[b1:b2]]
+                continue
+            out += ["-" + l for l in before[a1:a2]] + ["+" + l for l in after[b1:b2]]
+    return "\n".join(out) if len(out) > 2 else "(the code is unchanged)"
+
+
 def graph_diff(original: nn.Module, optimized: nn.Module, context: int = 2, table: bool = True) -> str:
     """A unified diff of the original's and the optimized model's code, then a table of rewritten nodes.
 
@@ -116,18 +147,32 @@ def graph_diff(original: nn.Module, optimized: nn.Module, context: int = 2, tabl
             f"and {type(optimized).__name__}"
         )
     parts: List[str] = []
-    before, why = _original_code(original, optimized)
-    if not isinstance(optimized, fx.GraphModule):
-        parts.append("(no code diff: the optimized model is not a GraphModule; its activation modules were swapped)")
-    elif before is None:
-        parts.append(f"(no code diff: {why})")
+    scripts = [isinstance(m, torch.jit.ScriptModule) for m in (original, optimized)]
+    if all(scripts):
+        parts.append(_script_diff(original, optimized, context))
+    elif any(scripts):
+        parts.append("(no code diff: give both models as TorchScript modules, or both as eager ones)")
     else:
-        diff = list(difflib.unified_diff(
-            _readable(before), _readable(optimized.code), "original", "optimized", n=max(0, context), lineterm=""
-        ))
-        parts.append("\n".join(diff) if diff else "(the code is unchanged)")
-    if table:
+        parts.append(_eager_diff(original, optimized, context))
+    report = getattr(optimized, "rewrite_report", None)
+    if table and not isinstance(optimized, (fx.GraphModule, torch.jit.ScriptModule)) \
+            and report is not None and report.replaced:
+        parts.append(str(report))  # call sites of the runtime front end, with file:line
+    elif table:
         rows = rewritten_nodes(optimized)
         parts.append(f"{len(rows)} node(s) rewritten:\n" + tabulate(rows, headers=("node", "where", "was", "now", "args"))
                      if rows else "no node was rewritten")
     return "\n\n".join(parts)
+
+
+def _eager_diff(original: nn.Module, optimized: nn.Module, context: int) -> str:
+    before, why = _original_code(original, optimized)
+    if not isinstance(optimized, fx.GraphModule):
+        return ("(no code diff: the optimized model is not a GraphModule; its forward runs under the runtime "
+                "front end, whose call sites are listed from their first call)")
+    if before is None:
+        return f"(no code diff: {why})"
+    diff = list(difflib.unified_diff(
+        _readable(before), _readable(optimized.code), "original", "optimized", n=max(0, context), lineterm=""
+    ))
+    return "\n".join(diff) if diff else "(the code is unchanged)"

@@ -15,13 +15,16 @@ __all__ = ["Replaced", "LeftAlone", "Uncovered", "RewriteReport", "estimated_sav
 
 @dataclass(frozen=True)
 class Replaced:
-    """A node now calling a lean op. ``where`` is the module path or the call site's module."""
+    """A call now made to a lean op: an FX node (``node`` is its name), or a call site the
+    runtime front end rewrites (``node`` is ``"-"``, ``site`` its ``file:line``).
+    ``where`` is the module path of the call."""
 
     node: str
     where: str
     original: str
     lean_op: str
     args: Dict[str, float]
+    site: str = ""
     kind: str = "output"  # the rule kind that fired (graph_rewrite.rules.KINDS)
     frees: str = ""  # the node whose value the model no longer keeps for this (kind "recompute")
     detail: str = ""
@@ -35,11 +38,12 @@ class LeftAlone:
     where: str
     original: str
     reason: str
+    site: str = ""
 
 
 @dataclass(frozen=True)
 class Uncovered:
-    """A module whose own code is not in any graph, so functional calls in it stay native."""
+    """A module whose own code is not in any FX graph: it runs under the runtime front end."""
 
     module: str
     reason: str
@@ -72,27 +76,46 @@ class RewriteReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"graph_rewrite: {len(self.replaced)} node(s) rewritten; tracing: {self.tracing}"]
+        sites = sum(1 for r in self.replaced if r.site)
+        done = f"{len(self.replaced) - sites} node(s)" + (f" and {sites} call site(s)" if sites else "")
+        lines = [f"graph_rewrite: {done} rewritten; tracing: {self.tracing}"]
         if self.replaced:
             rows = [
                 (r.node, r.where, r.original, r.lean_op, ", ".join(f"{k}={v:g}" for k, v in r.args.items()))
+                + ((_short(r.site),) if self._sites else ())
                 for r in self.replaced
             ]
+            headers = ("node", "where", "was", "now", "args") + self._site_header
             if any(r.kind != "output" for r in self.replaced):  # the rule kind and what it recomputes
                 rows = [row + (r.kind, r.detail) for row, r in zip(rows, self.replaced)]
-                lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args", "kind", "recomputes")))
-            else:
-                lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args")))
+                headers += ("kind", "recomputes")
+            lines.append(tabulate(rows, headers=headers))
         if self.left_alone:
             lines.append("left alone:")
-            rows = [(r.node, r.where, r.original, r.reason) for r in self.left_alone]
-            lines.append(tabulate(rows, headers=("node", "where", "spelling", "reason")))
+            rows = [(r.node, r.where, r.original, r.reason) + ((_short(r.site),) if self._sites else ())
+                    for r in self.left_alone]
+            lines.append(tabulate(rows, headers=("node", "where", "spelling", "reason") + self._site_header))
         for note in self.notes:
             lines.append(f"note: {note}")
         if self.uncovered:
-            lines.append("not traced (activation modules inside are swapped; functional calls stay native):")
+            lines.append("not traced by FX (run under the runtime front end; its call sites are listed "
+                         "above from their first call):")
             lines.append(tabulate([(u.module or "<root>", u.reason) for u in self.uncovered], headers=("module", "reason")))
         return "\n".join(lines)
+
+    @property
+    def _sites(self) -> bool:
+        return any(r.site for r in [*self.replaced, *self.left_alone])
+
+    @property
+    def _site_header(self) -> tuple:
+        return ("call site",) if self._sites else ()
+
+
+def _short(site: str) -> str:
+    """``.../transformers/models/mamba/modeling_mamba.py:412`` -> ``mamba/modeling_mamba.py:412``."""
+    parts = site.replace("\\", "/").split("/")
+    return "/".join(parts[-2:]) if len(parts) > 2 else site
 
 
 def estimated_savings(optimized: Any, *example_inputs: Any) -> Dict[str, int]:

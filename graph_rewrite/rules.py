@@ -51,6 +51,9 @@ class Rule:
     patterns:   spellings that are rewritten.
     inplace:    spellings that are found but left native (they mutate their input).
     check:      raises ``ValueError`` for argument values the lean op cannot serve.
+    jit_ops:    TorchScript node kinds that are rewritten; their schema arguments
+                named like ``params`` are read as the op's parameters (constants only).
+    jit_inplace: TorchScript node kinds that are found but left native.
     """
 
     name: str
@@ -60,6 +63,8 @@ class Rule:
     patterns: Tuple[Pattern, ...] = ()
     inplace: Tuple[Pattern, ...] = ()
     check: Optional[Callable[..., None]] = None
+    jit_ops: Tuple[str, ...] = ()
+    jit_inplace: Tuple[str, ...] = ()
 
     @property
     def signature(self) -> inspect.Signature:
@@ -82,6 +87,7 @@ RULES: Tuple[Rule, ...] = (
         params={"beta": 1.0, "threshold": 20.0},
         patterns=(nn.Softplus, F.softplus),
         check=_check_softplus,
+        jit_ops=("aten::softplus",),
     ),
     Rule(
         name="sigmoid",
@@ -89,11 +95,15 @@ RULES: Tuple[Rule, ...] = (
         # F.sigmoid is a Python function that FX traces into x.sigmoid().
         patterns=(nn.Sigmoid, torch.sigmoid, torch.special.expit, F.sigmoid, "sigmoid"),
         inplace=(torch.sigmoid_, "sigmoid_"),
+        # torch.special.expit and F.sigmoid compile to aten::sigmoid too.
+        jit_ops=("aten::sigmoid",),
+        jit_inplace=("aten::sigmoid_",),
     ),
     Rule(
         name="logsigmoid",
         op=torch.ops.graph_rewrite.logsigmoid,
         patterns=(nn.LogSigmoid, F.logsigmoid),
+        jit_ops=("aten::log_sigmoid",),
     ),
 )
 
@@ -264,11 +274,14 @@ def _check_slope(negative_slope: float) -> None:
 # One entry per activation or consumer. Kind "output" first, then kind "recompute".
 RULES = RULES + (
     Rule("hardtanh", torch.ops.graph_rewrite.hardtanh, {"min_val": -1.0, "max_val": 1.0},
-         (nn.Hardtanh, F.hardtanh), check=_check_bounds),
+         (nn.Hardtanh, F.hardtanh), check=_check_bounds,
+         jit_ops=("aten::hardtanh",), jit_inplace=("aten::hardtanh_",)),
     # F.relu6(x) binds as hardtanh(x, 0, 6); nn.ReLU6 carries min_val/max_val itself.
-    Rule("relu6", torch.ops.graph_rewrite.hardtanh, {"min_val": 0.0, "max_val": 6.0}, (nn.ReLU6, F.relu6)),
+    Rule("relu6", torch.ops.graph_rewrite.hardtanh, {"min_val": 0.0, "max_val": 6.0}, (nn.ReLU6, F.relu6),
+         jit_ops=("aten::relu6",), jit_inplace=("aten::relu6_",)),
     Rule("leaky_relu", torch.ops.graph_rewrite.leaky_relu, {"negative_slope": 0.01},
-         (nn.LeakyReLU, F.leaky_relu), check=_check_slope),
+         (nn.LeakyReLU, F.leaky_relu), check=_check_slope,
+         jit_ops=("aten::leaky_relu",), jit_inplace=("aten::leaky_relu_",)),
     Recomputable("gelu", F.gelu, {"approximate": "none"}, (nn.GELU, F.gelu), _gelu),
     Recomputable("silu", F.silu, {}, (nn.SiLU, F.silu), _plain("silu")),
     Recomputable("hardswish", F.hardswish, {}, (nn.Hardswish, F.hardswish), _plain("hardswish")),

@@ -10,7 +10,8 @@ from .frontends.fx import (
     RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, _trace_on_its_own,
     _warn_uncovered,
 )
-from .frontends.fx_pass import swap_modules
+from .frontends.runtime import run_under_mode
+from .frontends.torchscript import optimize_script
 from .report import RewriteReport, Uncovered
 from .rules import Rule, rules_for
 
@@ -20,23 +21,31 @@ __all__ = ["optimize", "RewrittenModule"]
 def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Module:
     """Return a copy of ``model`` whose activations save their output, not their input, for backward.
 
-    The model is traced with ``torch.fx`` and every rule of :mod:`graph_rewrite.rules`
+    An eager model is traced with ``torch.fx`` and every rule of :mod:`graph_rewrite.rules`
     applies: activations of kind ``"output"`` (softplus, sigmoid, logsigmoid, hardtanh,
     relu6, leaky_relu) become ``torch.ops.graph_rewrite`` ops that keep their output;
     for kind ``"recompute"``, the Linear/Conv/mul after a GELU, SiLU, Hardswish, ...
-    becomes an op that keeps the activation's input and recomputes it. ``model`` itself is not modified: the result has new module objects but
+    becomes an op that keeps the activation's input and recomputes it. Code FX cannot
+    trace (a module, or the model's own ``forward``) runs under the runtime front end
+    (:mod:`graph_rewrite.frontends.runtime`), which sends the same calls to the same
+    ops as they happen (kind ``"output"`` only); a warning names those modules.
+    ``model`` itself is not modified: the result has new module objects but
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
-    mode, and carries ``.rewrite_report``. Modules FX cannot trace are kept as
-    calls, with their activation modules swapped, and a warning names them.
+    mode, and carries ``.rewrite_report``.
+
+    A ``torch.jit.ScriptModule`` (scripted, traced or loaded) goes to the TorchScript
+    front end (:mod:`graph_rewrite.frontends.torchscript`): the result is a rewritten
+    ScriptModule copy that shares the parameters and carries ``.rewrite_report``.
 
     Args:
-        model: any ``nn.Module`` (not a ``torch.jit.ScriptModule``).
+        model: any ``nn.Module``, a ``torch.jit.ScriptModule`` included.
         ops: the rule names or kinds to apply, e.g. ``["softplus"]`` or ``["recompute"]``; default all.
 
     Returns:
-        A :class:`RewrittenModule` (a ``torch.fx.GraphModule``), or, when the
-        model's own ``forward`` cannot be traced, a copy of the model with
-        activation modules swapped.
+        For a ScriptModule, a ScriptModule. Otherwise a :class:`RewrittenModule`
+        (a ``torch.fx.GraphModule``), or, when the model's own ``forward`` cannot be
+        traced, a copy of the model (same class) whose ``forward`` runs under the
+        runtime front end.
 
     Example::
 
@@ -47,27 +56,28 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(
-            "optimize() takes the eager nn.Module, not a TorchScript module: "
-            "call optimize(model) first, then torch.jit.script() the result"
-        )
     rules: Tuple[Rule, ...] = rules_for(ops)
+    if isinstance(model, torch.jit.ScriptModule):
+        return optimize_script(model, rules)
     root = _clone_tree(model)
     report = RewriteReport()
+    traced: list = []
     try:
         if "forward" in model.__dict__:
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
         graphs, reasons, constants = _trace_modes(root)
     except _RootUntraceable as e:
-        report = RewriteReport("root not traced", uncovered=[Uncovered("", str(e))])
-
-        def descend(child: nn.Module, path: str) -> bool:
-            return not _trace_on_its_own(child, path, rules, report)
-
-        replaced, left = swap_modules(root, rules, descend=descend)
-        report.replaced += replaced
-        report.left_alone += left
+        # FX cannot trace the model's own forward: submodules FX can trace on their own
+        # get graphs, and the copy's forward runs under the runtime front end, which
+        # reaches every other call as it happens.
+        report = RewriteReport("root not traced: runtime front end", uncovered=[Uncovered("", str(e))])
+        for path, child in root.named_modules():
+            # torch's own modules hold no code worth a graph of its own: the mode reaches them.
+            if path and not type(child).__module__.startswith("torch.") \
+                    and not any(path.startswith(p + ".") for p in traced):
+                if _trace_on_its_own(child, path, rules, report):
+                    traced.append(path)
+        run_under_mode(root, rules, report)
         _warn_uncovered(report)
         root.rewrite_report = report
         return root

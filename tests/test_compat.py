@@ -102,9 +102,13 @@ def test_torchscript_trains_saves_and_loads_in_a_new_process(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected.detach(), rtol=0, atol=0)
 
 
-def test_scripted_model_is_refused_with_what_to_pass_instead():
-    with pytest.raises(TypeError, match=r"optimize\(model\) first"):
-        graph_rewrite.optimize(torch.jit.script(Net()))
+def test_scripted_model_goes_to_the_torchscript_front_end():
+    # Once refused with a TypeError; tests/test_torchscript.py covers the front end itself.
+    scripted = torch.jit.script(Net())
+    lean = graph_rewrite.optimize(scripted)
+    assert isinstance(lean, torch.jit.ScriptModule)
+    assert lean.rewrite_report.counts() == {
+        "graph_rewrite.softplus": 1, "graph_rewrite.sigmoid": 1, "graph_rewrite.logsigmoid": 1}
 
 
 def test_whole_module_torch_save_loads_in_a_new_process(tmp_path):

@@ -489,5 +489,37 @@ def test_graph_diff_falls_back_to_the_table_when_the_original_cannot_be_traced()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lean = optimize(model)
+    assert "no node was rewritten" in graph_diff(model, lean)  # call sites are recorded as they run
+    lean(torch.ones(3, requires_grad=True))
     text = graph_diff(model, lean)
-    assert "no code diff" in text and "nn.Sigmoid" in text
+    assert "no code diff" in text and "runtime front end" in text
+    assert "torch.sigmoid" in text and "graph_rewrite.sigmoid" in text and "test_verify.py:" in text
+
+
+class _Cache:
+    """Like a Hugging Face DynamicCache: a plain class holding tensors, equal only to itself."""
+
+    def __init__(self, keys):
+        self.layers = [{"keys": k} for k in keys]
+
+
+class _CachingModel(nn.Module):
+    def __init__(self, shift=0.0):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.shift = shift
+
+    def forward(self, x):
+        h = self.lin(x)
+        return {"logits": torch.sigmoid(h), "cache": _Cache([h + self.shift, h * 2])}
+
+
+def test_plain_objects_in_outputs_are_compared_by_their_tensors():
+    model = _CachingModel()
+    report = verify(model, optimize(model), torch.randn(3, 4))
+    assert report.ok, str(report)
+    other = _CachingModel(shift=1.0)
+    other.load_state_dict(model.state_dict())
+    report = verify(model, other, torch.randn(3, 4))
+    assert not report.ok
+    assert report.failed[0].where == "out['cache'].layers[0]['keys']"

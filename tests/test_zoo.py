@@ -83,10 +83,10 @@ def test_detection_model_falls_back_and_verifies_in_eval_mode():
     lean, caught = optimize_quietly(model)
     report = lean.rewrite_report
     # GeneralizedRCNN.forward iterates over the image list: FX cannot trace the root,
-    # so the result is a copy with activation modules swapped (none match here). Since
-    # issue 12, submodules traced on their own (the MobileNetV3 backbone's blocks) get
-    # the recompute rules: their Hardswish consumers recompute it.
-    assert report.tracing == "root not traced"
+    # so the result is a copy that runs under the runtime front end. Since issue 12,
+    # submodules traced on their own (the MobileNetV3 backbone's blocks) get the
+    # recompute rules: their Hardswish consumers recompute it.
+    assert report.tracing == "root not traced: runtime front end"
     assert [u.module for u in report.uncovered] == [""]
     assert "Proxy object cannot be iterated" in report.uncovered[0].reason
     assert any("could not trace <root>" in w for w in caught)
@@ -102,13 +102,14 @@ def test_detection_model_falls_back_and_verifies_in_eval_mode():
 
 def test_raft_small_falls_back():
     # RAFT's forward has data-dependent control flow: the root is not traced. Its
-    # ConvGRU calls torch.sigmoid, but ConvGRU.forward(self, h, x) has no Tensor
-    # annotations, so the fallback does not trace it on its own (it traces only
-    # submodules whose forward takes annotated Tensor arguments): nothing is rewritten.
+    # ConvGRU calls torch.sigmoid in code FX never sees; the runtime front end reaches it.
     model = build("raft_small").train()
     lean, _ = optimize_quietly(model)
-    assert lean.rewrite_report.tracing == "root not traced"
-    assert lean.rewrite_report.counts() == {}
+    assert lean.rewrite_report.tracing == "root not traced: runtime front end"
+    assert lean.rewrite_report.counts() == {}  # nothing has run yet
     v = graph_rewrite.verify(model, lean, image(1, 3, 128, 128, seed=1), image(1, 3, 128, 128, seed=2))
     assert v.ok, str(v)
+    sites = {(r.where, r.original) for r in lean.rewrite_report.replaced}
+    # ConvGRU's gates: one call site each line; the first module to call it is recorded.
+    assert sites == {("update_block.recurrent_block.convgru1", "torch.sigmoid")}, sites
     assert v.checks[0].detail.startswith("12/12 leaves")  # one flow field per refinement iteration

@@ -13,8 +13,9 @@ from torch import fx
 
 from ..report import RewriteReport, Uncovered
 from ..rules import Rule
-from .fx_pass import has_hooks, rewrite_graph, swap_modules
+from .fx_pass import has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
+from .runtime import run_under_mode
 
 __all__ = ["RewrittenModule"]
 
@@ -197,9 +198,9 @@ def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants
             return graph
         except Exception as e:
             if not tracer.failed_in:
-                raise _RootUntraceable(_first_line(e)) from e
+                raise _RootUntraceable(_explain(_first_line(e))) from e
             leaves.add(tracer.failed_in)
-            reasons[tracer.failed_in] = _first_line(e)
+            reasons[tracer.failed_in] = _explain(_first_line(e))
         finally:
             _restore(snapshot)
 
@@ -289,7 +290,7 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     except _RootUntraceable:
         return False
     sub = RewriteReport()
-    gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub)
+    gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
     if not sub.replaced:
         return True  # traced: nothing to rewrite in it, nothing left to search
     child.forward = _GuardedForward(child, gm, arity)
@@ -305,8 +306,13 @@ def _join(prefix: str, path: str) -> str:
     return prefix if path in ("", "<root>") else f"{prefix}.{path}"
 
 
-def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteReport) -> RewrittenModule:
-    """Rewrite every mode's graph, swap modules in the leaves FX could not enter, and build the result."""
+def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteReport,
+                       runtime_report: Optional[RewriteReport] = None, prefix: str = "") -> RewrittenModule:
+    """Rewrite every mode's graph, run the leaves FX could not enter under the runtime front end, build the result.
+
+    The leaves record their call sites in ``runtime_report`` (default ``report``) with
+    paths under ``prefix``: a submodule traced on its own reports into its root's record.
+    """
     modules = dict(root.named_modules())
     seen = set()
     codes = {}
@@ -328,12 +334,10 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
             code_of[id(graph)] = graph.python_code("self").src
         codes[mode] = code_of[id(graph)]
     for path in sorted(reasons):
-        replaced, left = swap_modules(modules[path], rules, path)
-        report.replaced += replaced
-        report.left_alone += left
+        run_under_mode(modules[path], rules, runtime_report or report, _join(prefix, path) if prefix else path)
         report.uncovered.append(Uncovered(path, reasons[path]))
     if reasons:
-        report.tracing = f"partial: {len(reasons)} module(s) kept as calls"
+        report.tracing = f"partial: {len(reasons)} module(s) run under the runtime front end"
     if any(r.kind == "recompute" for r in report.replaced) and AUTOCAST_NOTE not in report.notes:
         report.notes.append(AUTOCAST_NOTE)
 
@@ -351,7 +355,24 @@ def _warn_uncovered(report: RewriteReport) -> None:
     if report.uncovered:
         names = ", ".join(u.module or "<root>" for u in report.uncovered)
         warnings.warn(
-            f"graph_rewrite: FX could not trace {names}; activation modules inside were swapped, "
-            "functional activation calls there stay native (see .rewrite_report)",
+            f"graph_rewrite: FX could not trace {names}; the calls there are rewritten by the runtime "
+            "front end as they run (see .rewrite_report after the first forward)",
             stacklevel=3,
         )
+
+
+# FX's own messages for code that uses sizes as Python numbers do not say so.
+_HINTS = (
+    ("object cannot be interpreted as an integer", "a tensor size is used as a Python int (range(x.size(1)), ...)"),
+    ("takes 1 positional argument but", "a tensor size is passed where a Python int is needed (torch.zeros(x.shape[0], n), ...)"),
+    ("co_varnames is too small", "forward is wrapped by a decorator taking *args/**kwargs"),
+    ("symbolically traced variables cannot be used as inputs to control flow", "Python control flow depends on tensor values"),
+)
+
+
+def _explain(error: str) -> str:
+    """FX's error, with what in the model's code causes it where FX does not say."""
+    for needle, cause in _HINTS:
+        if needle in error:
+            return f"{error} [{cause}]"
+    return error

@@ -1,0 +1,240 @@
+"""The runtime front end: for code torch.fx cannot trace, rewrite calls as they happen.
+
+``optimize()`` uses FX wherever FX traces: graphs can be printed, diffed, scripted
+and exported. Much real code cannot be traced symbolically: Hugging Face
+transformers 5 decorates ``forward(*args, **kwargs)``, recurrent loops run
+``for t in range(x.size(1))``, ``torch.zeros(x.shape[0], H)`` needs real sizes,
+and one untraceable helper (mambapy's ``pscan``) hides every call in its module.
+For those modules the copy's ``forward`` runs under :class:`LeanFunctionMode`, a
+``torch.overrides.TorchFunctionMode`` that sees every torch call at the Python
+API level and sends the activations of the rules table to the lean ops.
+
+Why a function mode and not the alternatives measured on 12 third-party models
+(issue 10):
+
+* It runs the model's **own eager code path**. Dynamo (``torch.compile`` with a
+  pass-through backend) captured every model, but under Dynamo Hugging Face's
+  Mamba switches to its compile-only scan (``is_torchdynamo_compiling()``), which
+  doubled activation memory.
+* It needs **no example inputs** and specialises nothing. ``torch.export``
+  (non-strict) saw every call, but needs inputs and fixes shapes and control flow.
+* It is **scoped**: the mode is entered by the optimized module's ``forward`` and
+  left when it returns, only while autograd records (without a graph nothing is
+  saved, so there is nothing to rewrite). Nothing is patched globally; the
+  original model, other models and torch functions outside that forward behave
+  exactly as before. A mode the user entered around the call stays below ours
+  and sees the lean ops.
+
+The price is a Python call per torch function inside the scoped forward, which
+``benchmarks/runtime_overhead.py`` measures. Call sites are recorded in the
+model's ``rewrite_report`` at their first call: module path and ``file:line``.
+
+Example::
+
+    >>> lean = graph_rewrite.optimize(hf_mamba)          # doctest: +SKIP
+    >>> lean(ids).logits.sum().backward()               # doctest: +SKIP
+    >>> print(lean.rewrite_report)                      # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ..report import LeftAlone, Replaced, RewriteReport
+from ..rules import Rule, pattern_name, rules_for
+from .fx_pass import lean_op_name
+
+__all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table"]
+
+# Frames in these directories are torch's own (F.sigmoid, nn.Softplus.forward,
+# Module._call_impl): a call site is the first frame outside them.
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def runtime_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Rule, str, bool]]:
+    """{function object a TorchFunctionMode sees: (rule, spelling, in-place)} for the rules' spellings.
+
+    Module patterns need no entry: ``nn.Softplus.forward`` calls ``F.softplus``,
+    which the mode sees. Method names become ``Tensor`` methods.
+    """
+    table: Dict[Any, Tuple[Rule, str, bool]] = {}
+    for rule in rules:
+        if rule.kind != "output":  # kind "recompute" needs the graph (which uses keep h): FX only
+            continue
+        for inplace, patterns in ((False, rule.patterns), (True, rule.inplace)):
+            for pattern in patterns:
+                if isinstance(pattern, type):
+                    continue
+                func = getattr(torch.Tensor, pattern) if isinstance(pattern, str) else pattern
+                table.setdefault(func, (rule, pattern_name(pattern), inplace))
+    return table
+
+
+def _call_site() -> Tuple[str, Any]:
+    """(``file:line`` of the first frame outside torch and graph_rewrite, the innermost caller's frame).
+
+    The site is where the model's code makes the call (``self.act(h)`` rather than
+    inside ``nn.Softplus.forward``); the module path is searched from the innermost
+    frame, so that it names the ``nn.Softplus`` itself.
+    """
+    inner = frame = sys._getframe(3)  # past __torch_function__ and _record/_left_alone
+    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _OWN_DIR)):
+        frame = frame.f_back
+    site = "<unknown>" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    return site, inner
+
+
+class LeanFunctionMode(TorchFunctionMode):
+    """Sends activation calls to the lean ops while active; everything else passes through untouched.
+
+    A call is rewritten only when it would save something for backward (grad mode
+    on, a floating-point input that requires grad); otherwise the native function
+    runs, which computes the same values. In-place spellings, non-float inputs
+    and arguments the lean op cannot serve stay native and are reported.
+
+    ``owner`` is the module whose forward enters the mode: call sites are reported
+    with the path of the innermost module of ``owner``'s tree that made them,
+    prefixed with ``prefix`` (the owner's path in the optimized model).
+    """
+
+    def __init__(self, rules: Sequence[Rule], report: RewriteReport, owner: nn.Module, prefix: str = "") -> None:
+        super().__init__()
+        self.rules = tuple(rules)
+        self.table = runtime_table(rules)
+        self.report, self.owner, self.prefix = report, owner, prefix
+        # (site, spelling, outcome): each recorded once, also across copies of the report.
+        self._seen = {(r.site, r.original, "replaced") for r in report.replaced if r.site}
+        self._seen |= {(r.site, r.original, r.reason) for r in report.left_alone if r.site}
+        self._paths: Optional[Dict[int, str]] = None
+
+    # Rules travel by name (op packets do not pickle); the mode is rebuilt without its caches.
+    def __getstate__(self) -> Dict[str, Any]:
+        return {"rules": [r.name for r in self.rules], "report": self.report, "owner": self.owner,
+                "prefix": self.prefix}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(rules_for(state["rules"]), state["report"], state["owner"], state["prefix"])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = self.table.get(func)
+        if entry is None:
+            return func(*args, **kwargs)
+        rule, spelling, inplace = entry
+        if inplace:
+            self._left_alone(spelling, "in-place: rewriting would drop the mutation of its input")
+            return func(*args, **kwargs)
+        try:
+            x, params = self._read_args(rule, args, kwargs)
+        except ValueError as e:
+            self._left_alone(spelling, str(e))
+            return func(*args, **kwargs)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return func(*args, **kwargs)  # no graph: nothing is saved, native gives the same values
+        self._record(rule, spelling, params)
+        return rule.op(x, *params.values())
+
+    @staticmethod
+    def _read_args(rule: Rule, args: tuple, kwargs: dict) -> Tuple[Tensor, Dict[str, float]]:
+        kwargs = dict(kwargs)
+        if kwargs.pop("inplace", False) is not False:  # F.relu6(x, inplace=True): its input may be read later
+            raise ValueError("in place: nothing here tells whether its input has other uses")
+        try:
+            bound = rule.signature.bind(*args, **kwargs)
+        except TypeError as e:  # out=, or arguments the op does not take
+            raise ValueError(f"unexpected arguments ({e})") from None
+        bound.apply_defaults()
+        x = bound.arguments.pop("input")
+        if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+            raise ValueError(f"input is not a floating-point tensor ({getattr(x, 'dtype', type(x).__name__)})")
+        params = dict(bound.arguments)
+        for k, v in params.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{k} is not a Python number ({type(v).__name__})")
+        params = {k: float(v) for k, v in params.items()}
+        if rule.check is not None:
+            rule.check(**params)
+        return x, params
+
+    def _record(self, rule: Rule, spelling: str, params: Dict[str, float]) -> None:
+        site, frame = _call_site()
+        key = (site, spelling, "replaced")
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.report.replaced.append(
+            Replaced("-", self._module_path(frame), spelling, lean_op_name(rule), params, site=site)
+        )
+
+    def _left_alone(self, spelling: str, reason: str) -> None:
+        site, frame = _call_site()
+        key = (site, spelling, reason)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.report.left_alone.append(LeftAlone("-", self._module_path(frame), spelling, reason, site=site))
+
+    def _module_path(self, frame) -> str:
+        """The path of the innermost module of the owner's tree running in ``frame`` or a caller of it.
+
+        Reads frame locals, which is slow, so it runs once per call site.
+        """
+        if self._paths is None:
+            self._paths = {id(m): n for n, m in self.owner.named_modules()}
+        while frame is not None:
+            path = self._paths.get(id(frame.f_locals.get("self")))
+            if path is not None:
+                return ".".join(p for p in (self.prefix, path) if p) or "<root>"
+            frame = frame.f_back
+        return self.prefix or "<root>"
+
+
+def _forward_under_mode(module: nn.Module, mode: LeanFunctionMode, inner: Any, *args, **kwargs):
+    """``forward`` of a module that runs its own code under ``mode`` while autograd records.
+
+    Set on the optimized copy's instance as a ``functools.partial`` (never on the class,
+    which the user's model shares): a partial of a module-level function pickles,
+    deep-copies, and is traced by Dynamo under ``torch.compile``.
+    """
+    forward = inner if inner is not None else type(module).forward.__get__(module)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)  # nothing will be saved: no mode, no cost
+    with mode:
+        return forward(*args, **kwargs)
+
+
+class _RefuseScript:
+    """``__prepare_scriptable__`` of a module that relies on the runtime mode: scripting it would
+    compile the class's native forward and silently drop the rewrite."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self):
+        raise TypeError(
+            f"graph_rewrite: {self.path or 'the model'} runs its own eager code under graph_rewrite's runtime "
+            "front end (torch.fx could not trace it), which TorchScript cannot compile. Script the original "
+            "model and pass the ScriptModule to graph_rewrite.optimize(), or make the module traceable by FX."
+        )
+
+
+def run_under_mode(module: nn.Module, rules: Sequence[Rule], report: RewriteReport, path: str = "") -> None:
+    """Make ``module`` (an optimized copy, never the user's) run its forward under a :class:`LeanFunctionMode`.
+
+    The forward it had (the class's, or one set on the instance such as FX's
+    guarded forward) runs inside the mode. ``torch.jit.script`` of the module
+    raises a ``TypeError`` saying what to do instead.
+
+    >>> run_under_mode(copy_of_model, RULES, report)     # doctest: +SKIP
+    """
+    mode = LeanFunctionMode(rules, report, module, path)
+    module.forward = functools.partial(_forward_under_mode, module, mode, module.__dict__.get("forward"))
+    module.__prepare_scriptable__ = _RefuseScript(path)
