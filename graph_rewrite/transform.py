@@ -58,7 +58,9 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
     rules: Tuple[Rule, ...] = rules_for(ops)
     if isinstance(model, torch.jit.ScriptModule):
-        return optimize_script(model, rules)
+        scripted = optimize_script(model, rules)
+        _note_fx_only(scripted.rewrite_report, rules, "the TorchScript front end")
+        return scripted
     root = _clone_tree(model)
     report = RewriteReport()
     traced: list = []
@@ -78,9 +80,21 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
                 if _trace_on_its_own(child, path, rules, report):
                     traced.append(path)
         run_under_mode(root, rules, report)
+        _note_fx_only(report, rules, "the runtime front end (code outside the FX graphs)")
         _warn_uncovered(report)
         root.rewrite_report = report
         return root
     gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report)
+    if reasons:
+        _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)")
     _warn_uncovered(report)
     return gm
+
+
+def _note_fx_only(report: RewriteReport, rules: Sequence[Rule], front_end: str) -> None:
+    """Say in the report that ``front_end`` applied kind "output" only."""
+    if any(r.kind == "recompute" for r in rules):
+        report.notes.append(
+            f"{front_end} applies rules of kind \"output\" only; kind \"recompute\" needs an FX graph "
+            "(every use of the activation's output must be known), so there its activations and consumers stay native"
+        )

@@ -289,3 +289,43 @@ def test_estimated_savings_touches_no_buffer_or_rng():
     assert torch.equal(torch.get_rng_state(), rng)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_torchscript_front_end_applies_the_output_kind_and_says_recompute_is_fx_only():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            # Scripted F.relu6 calls aten::relu6 (no parameters to read); GELU is kind "recompute".
+            return self.c(F.gelu(self.b(F.relu6(self.a(x)))))
+
+    model = M()
+    lean = optimize(torch.jit.script(model))
+    assert lean.rewrite_report.counts() == {"graph_rewrite.relu6": 1}
+    assert any("FX graph" in n for n in lean.rewrite_report.notes)
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.testing.assert_close(lean(x), model(x), rtol=0, atol=0)
+    assert _held(lean, x) < _held(model, x)
+
+
+def test_runtime_front_end_leaves_in_place_calls_native():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            if y.sum() > -1e9:  # data-dependent: FX cannot trace the root
+                z = F.relu6(y, inplace=True)
+                return F.leaky_relu(y * 2, 0.1) + z + y  # y was clamped in place: must stay so
+            return y
+
+    model = Untraceable()
+    with pytest.warns(UserWarning):
+        lean = optimize(model)
+    x = torch.randn(3, 4) * 10
+    torch.testing.assert_close(lean(x), model(x), rtol=0, atol=0)
+    assert lean.rewrite_report.counts() == {"graph_rewrite.leaky_relu": 1}
