@@ -13,7 +13,7 @@ from .printout import graph_diff
 from .transform import RewrittenModule, optimize
 from .verification import VerificationReport, verify
 from .report import RewriteReport
-from .rules import RULES, Rule
+from .rules import RULES, Consumer, Recomputable, Rule
 
-__all__ = ["optimize", "verify", "graph_diff", "RewrittenModule", "RewriteReport", "VerificationReport", "RULES", "Rule", "ops"]
+__all__ = ["optimize", "verify", "graph_diff", "RewrittenModule", "RewriteReport", "VerificationReport", "RULES", "Rule", "Recomputable", "Consumer", "ops"]
 __version__ = "0.1.0"

@@ -51,6 +51,9 @@ def _target_name(target: object) -> str:
 
 def _args_text(target: object, values: Sequence[object]) -> str:
     """``beta=1, threshold=20``: the op's arguments after the input, named from the rules table."""
+    if any(r.kind == "recompute" and getattr(r, "op", None) is target for r in RULES):
+        # (h, act, ...): say what backward recomputes rather than list weights.
+        return f"recomputes {values[1]}, keeps its input instead of {values[0]}"
     names = next((list(r.params) for r in RULES if r.kind == "output" and r.op is target), [])
     texts = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
     return ", ".join(f"{k}={t}" for k, t in zip(names, texts)) if len(names) == len(texts) else ", ".join(texts)
