@@ -9,29 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import graph_rewrite
-from graph_rewrite.memory import saved_bytes
-
-NATIVE = {"aten.softplus.default", "aten.sigmoid.default", "aten.log_sigmoid_forward.default"}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts, below autograd, the activation kernels that run: native aten ones and lean ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.native = 0
-        self.lean = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        self.native += name in NATIVE
-        self.lean += name.startswith("graph_rewrite.")
-        return func(*args, **(kwargs or {}))
-
+from demos.works_on import NATIVE, CountOps
 
 def optimize_quietly(model, **kw):
     with warnings.catch_warnings(record=True) as caught:
