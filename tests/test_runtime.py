@@ -257,3 +257,27 @@ def test_partly_traced_model_runs_only_the_untraceable_module_under_the_mode():
     assert (ops.native, ops.lean) == (2, 2)  # the original's two calls are the native ones
     (site,) = [r for r in lean.rewrite_report.replaced if r.site]
     assert (site.where, site.original) == ("2.act", "F.softplus")
+
+
+def test_bad_input_gets_a_clear_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        graph_rewrite.optimize(F.softplus)
+
+    class Raises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = F.softplus(self.lin(x))
+            raise RuntimeError("the model's own error")
+
+    model = Raises()
+    lean, caught = optimize_quietly(model)
+    assert any("the model's own error" in w for w in caught)  # FX's trace ran into it: said in the warning
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="the model's own error"):
+        lean(x)
+    assert torch._C._len_torch_function_stack() == 0  # the mode was left on the way out
+    with pytest.raises(ValueError, match="original model rejected the inputs: RuntimeError: the model's own error"):
+        graph_rewrite.verify(model, lean, x)

@@ -342,9 +342,10 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
 
 def _warn_uncovered(report: RewriteReport) -> None:
     if report.uncovered:
-        names = ", ".join(u.module or "<root>" for u in report.uncovered)
+        why = "; ".join(f"{u.module or '<root>'}: {u.reason}" for u in report.uncovered[:3])
+        more = f"; and {len(report.uncovered) - 3} more" if len(report.uncovered) > 3 else ""
         warnings.warn(
-            f"graph_rewrite: FX could not trace {names}; the calls there are rewritten by the runtime "
+            f"graph_rewrite: FX could not trace {why}{more}. The calls there are rewritten by the runtime "
             "front end as they run (see .rewrite_report after the first forward)",
             stacklevel=3,
         )
