@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 
 from tabulate import tabulate
 
-__all__ = ["Replaced", "LeftAlone", "Uncovered", "RewriteReport"]
+__all__ = ["Replaced", "Respelled", "LeftAlone", "Uncovered", "RewriteReport"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,21 @@ class Replaced:
     original: str
     lean_op: str
     args: Dict[str, float]
+
+
+@dataclass(frozen=True)
+class Respelled:
+    """A hand-written spelling (``torch.log(1 + torch.exp(x))``) now calling the op it spells.
+
+    ``changes`` says where forward values differ from the spelling's (see
+    :mod:`graph_rewrite.spellings`): these are listed apart from :class:`Replaced`.
+    """
+
+    node: str
+    where: str
+    original: str
+    now: str
+    changes: str
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,7 @@ class RewriteReport:
     replaced: List[Replaced] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
     uncovered: List[Uncovered] = field(default_factory=list)
+    spellings: List[Respelled] = field(default_factory=list)
 
     def counts(self) -> Dict[str, int]:
         """Replaced nodes per lean op."""
@@ -71,6 +87,10 @@ class RewriteReport:
                 for r in self.replaced
             ]
             lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args")))
+        if self.spellings:
+            lines.append(f"{len(self.spellings)} hand-written spelling(s) rewritten; forward values change where noted:")
+            rows = [(r.node, r.where, r.original, r.now, r.changes) for r in self.spellings]
+            lines.append(tabulate(rows, headers=("node", "where", "was", "now", "what changes"), maxcolwidths=[None] * 4 + [60]))
         if self.left_alone:
             lines.append("left alone:")
             rows = [(r.node, r.where, r.original, r.reason) for r in self.left_alone]
