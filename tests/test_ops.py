@@ -497,8 +497,8 @@ def test_gradcheck_forward_ad_and_batched(name, op, native):
     # check_batched_grad runs the deprecated torch._vmap_internals, whose batched tensors no
     # public check tells from plain ones (the plain backward writes in place); torch.func's
     # vmap over backward is covered by jacrev and vmap(grad) above.
-    assert gradcheck(op, (x,), check_forward_ad=True, check_batched_forward_grad=True)
-    assert gradgradcheck(op, (x,), check_fwd_over_rev=True, check_rev_over_rev=True)
+    assert gradcheck(op, (x,), check_forward_ad=True, check_batched_forward_grad=True, fast_mode=True)
+    assert gradgradcheck(op, (x,), check_fwd_over_rev=True, check_rev_over_rev=True, fast_mode=True)
 
 
 def test_eager_calls_keep_the_fast_function_outside_transforms():
