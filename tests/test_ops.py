@@ -510,3 +510,14 @@ def test_eager_calls_keep_the_fast_function_outside_transforms():
     with fwAD.dual_level():
         assert type(lean.softplus(x).grad_fn).__name__ == "_SoftplusTransformsBackward"
     assert type(lean.logsigmoid(x).grad_fn).__name__ == "_LogSigmoidBackward"
+
+
+def test_sigmoid_transforms_on_complex_inputs_match_native():
+    # sigmoid_backward conjugates its slope; the jvp must conjugate around it, as native's does.
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, dtype=torch.complex128, generator=gen)
+    t = torch.randn(7, dtype=torch.complex128, generator=gen)
+    ours = torch.func.jvp(lean.sigmoid, (x,), (t,))[1]
+    theirs = torch.func.jvp(torch.sigmoid, (x,), (t,))[1]
+    _assert_close_rel(ours, theirs)
+    _assert_close_rel(torch.func.vjp(lean.sigmoid, x)[1](t)[0], torch.func.vjp(torch.sigmoid, x)[1](t)[0])

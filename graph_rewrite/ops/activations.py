@@ -466,7 +466,8 @@ class _SigmoidTransforms(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t: Tensor) -> Tensor:
         (y,) = ctx.saved_tensors
-        return torch.ops.aten.sigmoid_backward(t, y)
+        # Native's jvp formula: sigmoid_backward conjugates its slope (complex inputs).
+        return torch.ops.aten.sigmoid_backward(t.conj(), y).conj()
 
 
 _define("sigmoid(Tensor x) -> Tensor", torch.sigmoid, torch.sigmoid, _Sigmoid, _SigmoidTransforms)
