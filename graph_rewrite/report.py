@@ -80,7 +80,8 @@ class RewriteReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"graph_rewrite: {len(self.replaced)} node(s) rewritten; tracing: {self.tracing}"]
+        spelled = f" (+{len(self.spellings)} hand-written spelling(s), below)" if self.spellings else ""
+        lines = [f"graph_rewrite: {len(self.replaced)} node(s) rewritten{spelled}; tracing: {self.tracing}"]
         if self.replaced:
             rows = [
                 (r.node, r.where, r.original, r.lean_op, ", ".join(f"{k}={v:g}" for k, v in r.args.items()))
@@ -88,7 +89,7 @@ class RewriteReport:
             ]
             lines.append(tabulate(rows, headers=("node", "where", "was", "now", "args")))
         if self.spellings:
-            lines.append(f"{len(self.spellings)} hand-written spelling(s) rewritten; forward values change where noted:")
+            lines.append("hand-written spellings rewritten to the op they spell; forward values change where noted:")
             rows = [(r.node, r.where, r.original, r.now, r.changes) for r in self.spellings]
             lines.append(tabulate(rows, headers=("node", "where", "was", "now", "what changes"), maxcolwidths=[None] * 4 + [60]))
         if self.left_alone:
