@@ -9,7 +9,7 @@ Example::
 
     >>> from graph_rewrite.rules import RULES
     >>> [r.name for r in RULES]
-    ['softplus', 'sigmoid', 'logsigmoid']
+    ['softplus', 'sigmoid', 'logsigmoid', 'spellings']
 """
 from __future__ import annotations
 
@@ -123,6 +123,9 @@ RULES: Tuple[Rule, ...] = (
         patterns=(nn.LogSigmoid, F.logsigmoid),
         jit_ops=("aten::log_sigmoid",),
     ),
+    # Hand-written spellings (torch.log(1 + torch.exp(x)), ...): matched as whole
+    # subgraphs by graph_rewrite.spellings, not node by node, so no patterns here.
+    Rule(name="spellings", op=None),
 )
 
 

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ..report import RewriteReport, Uncovered
+from ..report import Respelled, RewriteReport, Uncovered
 from ..rules import Rule
-from .fx_pass import has_hooks, rewrite_graph
+from ..spellings import rewrite_spellings
+from .fx_pass import _where, has_hooks, rewrite_graph
 from .runtime import run_under_mode
 
 __all__ = ["RewrittenModule"]
@@ -285,12 +286,13 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
         return False
     sub = RewriteReport()
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
-    if not sub.replaced:
+    if not sub.replaced and not sub.spellings:
         return True  # traced: nothing to rewrite in it, nothing left to search
     child.forward = _GuardedForward(child, gm, arity)
     for rec in sub.replaced:
         report.replaced.append(dataclasses.replace(rec, where=_join(path, rec.where)))
     report.left_alone += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.left_alone]
+    report.spellings += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.spellings]
     report.uncovered += [Uncovered(_join(path, u.module), u.reason) for u in sub.uncovered]
     return True
 
@@ -310,8 +312,14 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     seen = set()
     codes = {}
     code_of: Dict[int, str] = {}  # a graph may serve two modes: rewrite it once
+    names = [r.name for r in rules]
     for mode, graph in graphs.items():
         if id(graph) not in code_of:
+            # Spellings first: -F.softplus(-x) must be seen before F.softplus is rewritten alone.
+            for node, where, spelling in rewrite_spellings(graph, names, _where):
+                if (node, where, "spelling") not in seen:
+                    seen.add((node, where, "spelling"))
+                    report.spellings.append(Respelled(node, where, spelling.name, spelling.lean_op, spelling.changes))
             replaced, left = rewrite_graph(graph, modules, rules)
             # The mode graphs mostly repeat each other: report each call site once.
             for rec in replaced:
