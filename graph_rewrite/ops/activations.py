@@ -109,6 +109,13 @@ def softplus_needs_branch_mask(dtype: torch.dtype, threshold: float) -> bool:
     return math.exp(-threshold) >= torch.finfo(dtype).eps / 16
 
 
+def _fused():
+    # The one-pass Triton backward (same bits); imported on the first CUDA backward
+    # so that CPU-only use never pays for importing Triton.
+    from . import triton_kernels
+    return triton_kernels
+
+
 def _check_beta(beta: float) -> None:
     # beta*y must identify the branch and -expm1(-beta*y) the slope: both break
     # for beta == 0 or non-finite beta, where native returns inf/nan outputs.
@@ -146,6 +153,8 @@ def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear
         y_op = _opmath(y)
         slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(-beta * y_op))
         return (_opmath(grad) * slope).to(grad.dtype)
+    if y.is_cuda and _fused().applies(grad, y, linear):
+        return _fused().softplus_backward(grad, y, beta, linear)
     t = torch.mul(_opmath(y), -beta)  # the one new tensor
     t.expm1_()
     t.mul_(grad)
@@ -214,6 +223,8 @@ def logsigmoid_grad(grad: Tensor, y: Tensor) -> Tensor:
     """``grad * d logsigmoid(x)/dx`` from the output: sigmoid(-x) = 1 - exp(y) = -expm1(y)."""
     if torch.is_grad_enabled():  # create_graph=True: differentiable ops only
         return (_opmath(grad) * -torch.expm1(_opmath(y))).to(grad.dtype)
+    if y.is_cuda and _fused().applies(grad, y):
+        return _fused().logsigmoid_backward(grad, y)
     t = torch.expm1(_opmath(y))
     t.mul_(grad)
     t.neg_()
