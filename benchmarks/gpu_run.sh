@@ -14,9 +14,10 @@ out="${1:-${OUT:-benchmarks}}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
+py="${PYTHON:-python}"  # PYTHON=/path/to/python to pick another interpreter
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu_tests.txt"
 # The kernel on the device against the composite, and the interpreter cases.
-timeout 90 python -m pytest -q -p no:warnings -p no:cacheprovider tests/test_triton_kernels.py 2>&1 \
+timeout 90 "$py" -m pytest -q -p no:warnings -p no:cacheprovider tests/test_triton_kernels.py 2>&1 \
     | tail -20 | tee -a "$out/gpu_tests.txt"
-timeout 420 python benchmarks/gpu.py --out "$out/GPU.md" --budget 300
+timeout 420 "$py" benchmarks/gpu.py --out "$out/GPU.md" --budget 300
 echo "wrote $out/GPU.md and $out/gpu_tests.txt"
