@@ -116,3 +116,19 @@ def test_cuda_kernel_matches_the_composite(dtype):
         d = (got.double() - want.double()).abs()
         ulp = torch.finfo(dtype).eps * want.double().abs().clamp_min(torch.finfo(dtype).smallest_normal)
         assert (d <= 2 * ulp).all()
+
+
+def test_a_failing_launch_falls_back_to_the_composite_once_and_for_all(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_failed", None)
+    monkeypatch.setattr(triton_kernels, "applies", lambda *a: True)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(triton_kernels, "softplus_backward", broken)
+    y, g = torch.rand(8), torch.randn(8)
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        assert triton_kernels.try_softplus_backward(g, y, 1.0, None) is None
+    assert not triton_kernels.available()  # later calls take the composite without trying
+    monkeypatch.setattr(triton_kernels, "applies", lambda g, y, m=None: triton_kernels.available())
+    assert triton_kernels.try_logsigmoid_backward(g, y) is None

@@ -153,8 +153,8 @@ def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear
         y_op = _opmath(y)
         slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(-beta * y_op))
         return (_opmath(grad) * slope).to(grad.dtype)
-    if y.is_cuda and _fused().applies(grad, y, linear):
-        return _fused().softplus_backward(grad, y, beta, linear)
+    if y.is_cuda and (out := _fused().try_softplus_backward(grad, y, beta, linear)) is not None:
+        return out
     t = torch.mul(_opmath(y), -beta)  # the one new tensor
     t.expm1_()
     t.mul_(grad)
@@ -223,8 +223,8 @@ def logsigmoid_grad(grad: Tensor, y: Tensor) -> Tensor:
     """``grad * d logsigmoid(x)/dx`` from the output: sigmoid(-x) = 1 - exp(y) = -expm1(y)."""
     if torch.is_grad_enabled():  # create_graph=True: differentiable ops only
         return (_opmath(grad) * -torch.expm1(_opmath(y))).to(grad.dtype)
-    if y.is_cuda and _fused().applies(grad, y):
-        return _fused().logsigmoid_backward(grad, y)
+    if y.is_cuda and (out := _fused().try_logsigmoid_backward(grad, y)) is not None:
+        return out
     t = torch.expm1(_opmath(y))
     t.mul_(grad)
     t.neg_()

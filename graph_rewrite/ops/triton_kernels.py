@@ -22,9 +22,15 @@ arithmetic only (a Cody-Waite range reduction, a Taylor polynomial and an exact
 power of two built from its bits), in float64, the same code in both modes. For
 float32 opmath that is the correctly rounded ``expm1f`` except for values within
 ~1e-16 of a rounding boundary, so the result equals the composite bit for bit
-wherever the composite's own ``expm1`` is correctly rounded, and is within 1 ulp
-otherwise (``tests/triton_interpreter_cases.py`` checks both). For float64 it
-is within ~1 ulp of the true ``expm1``, as the composite's is.
+wherever the composite's own ``expm1`` is correctly rounded, and is otherwise the
+composite's formula with ``expm1`` one ulp away (``tests/triton_interpreter_cases.py``
+checks both). For float64 it is within 1 ulp of the true ``expm1``, as the
+composite's is.
+
+The ops call :func:`try_softplus_backward` / :func:`try_logsigmoid_backward`, which
+return None (the caller then runs the composite) where the kernel does not apply, or
+after a launch failed once (a warning says why): a GPU this was never run on must not
+stop training.
 
 Example (on a GPU; on CPU the same call runs under ``TRITON_INTERPRET=1``)::
 
@@ -35,6 +41,7 @@ Example (on a GPU; on CPU the same call runs under ``TRITON_INTERPRET=1``)::
 from __future__ import annotations
 
 import struct
+import warnings
 from typing import Optional
 
 import torch
@@ -46,17 +53,39 @@ try:  # optional: without Triton (or on a broken install) every call takes the c
 except Exception:  # pragma: no cover - depends on the machine
     triton = None
 
-__all__ = ["applies", "available", "softplus_backward", "logsigmoid_backward"]
+__all__ = ["applies", "available", "eligible", "softplus_backward", "logsigmoid_backward",
+           "try_softplus_backward", "try_logsigmoid_backward"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BLOCK = 1024
 NUM_WARPS = 4
-
+_failed: Optional[str] = None  # why a launch failed; the ops stop trying after that
 
 
 def available() -> bool:
-    """Whether Triton imported and the kernels are defined (says nothing about a GPU)."""
-    return triton is not None
+    """Whether Triton imported, the kernels are defined and none has failed to launch."""
+    return triton is not None and _failed is None
+
+
+def _try(fn, *args) -> Optional[Tensor]:
+    global _failed
+    try:
+        return fn(*args)
+    except Exception as e:  # compile or launch failure: the composite serves from now on
+        _failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"graph_rewrite: the fused Triton backward failed ({_failed}); "
+                      "using the composite backward from now on", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def try_softplus_backward(grad: Tensor, y: Tensor, beta: float, linear: Optional[Tensor]) -> Optional[Tensor]:
+    """:func:`softplus_backward` where :func:`applies`, else None (the caller runs the composite)."""
+    return _try(softplus_backward, grad, y, beta, linear) if applies(grad, y, linear) else None
+
+
+def try_logsigmoid_backward(grad: Tensor, y: Tensor) -> Optional[Tensor]:
+    """:func:`logsigmoid_backward` where :func:`applies`, else None (the caller runs the composite)."""
+    return _try(logsigmoid_backward, grad, y) if applies(grad, y) else None
 
 
 def applies(grad: Tensor, y: Tensor, mask: Optional[Tensor] = None) -> bool:
@@ -92,7 +121,7 @@ def _launch(kernel, grad: Tensor, y: Tensor, mask: Optional[Tensor], neg_beta: f
     if n == 0:
         return out
     m = mask.view(torch.uint8) if mask is not None else y  # y: an unused stand-in pointer
-    bf16 = y.dtype == torch.bfloat16
+    f64, bf16 = y.dtype == torch.float64, y.dtype == torch.bfloat16
     if bf16:  # bfloat16 travels as its bits: see _bf16_to_f32
         grad, y, out_arg = grad.view(torch.int16), y.view(torch.int16), out.view(torch.int16)
         m = m.view(torch.int16) if mask is None else m
@@ -100,7 +129,7 @@ def _launch(kernel, grad: Tensor, y: Tensor, mask: Optional[Tensor], neg_beta: f
         out_arg = out
     grid = (_cdiv(n, block),)
     args = (grad, y, m, out_arg, n, _double_bits(neg_beta))
-    kw = dict(HAS_MASK=mask is not None, IS_F64=y.dtype == torch.float64, IS_BF16=bf16, BLOCK=block)
+    kw = dict(HAS_MASK=mask is not None, IS_F64=f64, IS_BF16=bf16, BLOCK=block)
     if y.device.type == "cuda":  # (the interpreter runs CPU tensors)
         kw["num_warps"] = num_warps
         if y.device.index != torch.cuda.current_device():
@@ -125,14 +154,14 @@ def softplus_backward(grad: Tensor, y: Tensor, beta: float, linear: Optional[Ten
     Callers check :func:`applies` first (or run under ``TRITON_INTERPRET=1``).
     """
     if triton is None:
-        raise RuntimeError("graph_rewrite: Triton is not available for the fused backward")
+        raise RuntimeError("graph_rewrite: Triton is not installed; the fused backward is unavailable")
     return _launch(_softplus_bwd, grad, y, linear, -float(beta), block, num_warps)
 
 
 def logsigmoid_backward(grad: Tensor, y: Tensor, *, block: int = BLOCK, num_warps: int = NUM_WARPS) -> Tensor:
     """``grad * d logsigmoid/dx = -(expm1(y) * grad)`` in one pass; the composite's bits."""
     if triton is None:
-        raise RuntimeError("graph_rewrite: Triton is not available for the fused backward")
+        raise RuntimeError("graph_rewrite: Triton is not installed; the fused backward is unavailable")
     return _launch(_logsigmoid_bwd, grad, y, None, -1.0, block, num_warps)
 
 
