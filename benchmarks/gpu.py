@@ -363,6 +363,11 @@ def section_kernel(rep: Report, device: str, quick: bool) -> None:
             ("composite logsigmoid backward", lambda: _composite(lambda: activations.logsigmoid_grad(g, ly))),
             ("fused logsigmoid backward", (lambda: triton_kernels.logsigmoid_backward(g, ly)) if fused else None),
         ]
+        if fused and dtype == torch.float32:
+            # Launch configurations besides the default (BLOCK 1024, 4 warps), to pick from later.
+            for block, warps in ((2048, 8), (4096, 8), (512, 4)):
+                cases.append((f"fused softplus backward, BLOCK {block}, {warps} warps",
+                              lambda b=block, w=warps: triton_kernels.softplus_backward(g, y, 1.0, block=b, num_warps=w)))
         if fused:
             xr = x.clone().requires_grad_()
             yr = torch.ops.graph_rewrite.softplus(xr, 1.0, 20.0)
