@@ -116,6 +116,14 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _load() -> str:
+    # CPU timings on a shared machine are only as good as its load: say what it was.
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg()) + f" (1/5/15 min, {os.cpu_count()} cores)"
+    except OSError:
+        return "unknown"
+
+
 def header(args: argparse.Namespace, device: str) -> str:
     cuda = device == "cuda"
     try:
@@ -149,6 +157,7 @@ def header(args: argparse.Namespace, device: str) -> str:
         ["command", "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])],
         ["mode", "quick (tiny sizes: smoke test, figures not meaningful)" if args.quick else "full"],
         ["float32 matmul precision", torch.get_float32_matmul_precision()],
+        ["load average at start", _load()],
     ]
     title = "# GPU figures (benchmarks/gpu.py)" if cuda else "# GPU figures (benchmarks/gpu.py): CPU-only run, every CUDA figure not measured"
     return f"{title}\n\n" + md_table(["", ""], rows)
@@ -557,7 +566,9 @@ def section_time(rep: Report, device: str, mode: str, deadline: float, keys: Seq
             rep.skip(f"step time {key}", f"raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             rows.append([key, f"error: {type(e).__name__}", "", "", "", "", ""])
             traceback.print_exc()
-    where = "CUDA events around each step" if device == "cuda" else "CPU wall clock (this run had no CUDA device)"
+    where = ("CUDA events around each step" if device == "cuda" else
+             "CPU wall clock (no CUDA device); on a shared machine (see the load average in the header) the quartiles "
+             "show how far a single CPU ratio can be trusted")
     text = ["## 4. Step time, lean / native", "",
             f"One forward + backward (sum of the outputs), {iters} steps each after 2 warm-up steps, native and lean "
             f"interleaved in alternating order; {where}. Goal on GPU: ≤ 1.02 on resnet50-softplus and efficientnet_b0.",
@@ -609,7 +620,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  else ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny"])
     section_time(rep, device, mode, deadline, pick(time_keys), iters=3 if args.quick else (20 if device == "cuda" else 5))
     rep.done = True
-    rep.sections.append(f"Wall time of this run: {time.monotonic() - start:.0f} s.")
+    rep.sections.append(f"Wall time of this run: {time.monotonic() - start:.0f} s; load average at the end: {_load()}.")
     rep.write()
     log(f"wrote {args.out} in {time.monotonic() - start:.0f} s")
     return 0
