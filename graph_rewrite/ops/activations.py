@@ -221,6 +221,13 @@ def _fix_tiny(t: Tensor, y: Tensor, record: Optional[Tensor], exact) -> Tensor:
     return t.masked_scatter(tiny, exact(record, tiny).to(t.dtype))
 
 
+def _fused():
+    # The one-pass Triton backward (same bits); imported on the first CUDA backward
+    # so that CPU-only use never pays for importing Triton.
+    from . import triton_kernels
+    return triton_kernels
+
+
 # --------------------------------------------------------------------------- softplus
 # Python kernels receive only the arguments that differ from the schema's defaults,
 # so the kernels repeat the defaults. Native semantics for every beta (0, inf, nan too).
@@ -349,6 +356,10 @@ def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear
         return _SoftplusBackward.apply(grad, y, beta, threshold, linear, record)
     # vmap over the backward (jacrev, batched grads) cannot write into an unbatched temporary.
     inplace = not torch._C._are_functorch_transforms_active()
+    # CUDA: one fused pass, unless tiny outputs need their recorded inputs.
+    if y.is_cuda and inplace and record is None \
+            and (out := _fused().try_softplus_backward(grad, y, beta, linear)) is not None:
+        return out
     return _softplus_grad_plain(grad, y, beta, threshold, linear, record, inplace)
 
 
@@ -546,7 +557,10 @@ def logsigmoid_grad(grad: Tensor, y: Tensor, record: Optional[Tensor] = None) ->
     ``record``: the inputs of tiny outputs (:func:`underflow_record`)."""
     if torch.is_grad_enabled():  # create_graph=True: derivatives written out
         return _LogSigmoidBackward.apply(grad, y, record)
-    return _logsigmoid_grad_plain(grad, y, record, not torch._C._are_functorch_transforms_active())
+    inplace = not torch._C._are_functorch_transforms_active()
+    if y.is_cuda and inplace and record is None and (out := _fused().try_logsigmoid_backward(grad, y)) is not None:
+        return out
+    return _logsigmoid_grad_plain(grad, y, record, inplace)
 
 
 class _LogSigmoid(torch.autograd.Function):
