@@ -246,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=_shape, default=[2, 3, 224, 224], help="input shape (default 2,3,224,224)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--ops", nargs="+", default=None, help="rules to apply (default all): softplus sigmoid logsigmoid")
+    p.add_argument("--ops", nargs="+", default=None, help="rules to apply (default all): softplus sigmoid logsigmoid spellings")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", metavar="PATH", help="a local state_dict file to load first (no downloads)")
     w.add_argument("--pretrained", action="store_true",

@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 
 from tabulate import tabulate
 
-__all__ = ["Replaced", "LeftAlone", "Uncovered", "RewriteReport", "estimated_savings"]
+__all__ = ["Replaced", "Respelled", "LeftAlone", "Uncovered", "RewriteReport", "estimated_savings"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,21 @@ class Replaced:
     kind: str = "output"  # the rule kind that fired (graph_rewrite.rules.KINDS)
     frees: str = ""  # the node whose value the model no longer keeps for this (kind "recompute")
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Respelled:
+    """A hand-written spelling (``torch.log(1 + torch.exp(x))``) now calling the op it spells.
+
+    ``changes`` says where forward values differ from the spelling's (see
+    :mod:`graph_rewrite.spellings`): these are listed apart from :class:`Replaced`.
+    """
+
+    node: str
+    where: str
+    original: str
+    now: str
+    changes: str
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class RewriteReport:
     replaced: List[Replaced] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
     uncovered: List[Uncovered] = field(default_factory=list)
+    spellings: List[Respelled] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # caveats of the rules that fired (autocast, ...)
 
     def counts(self) -> Dict[str, int]:
@@ -78,7 +94,8 @@ class RewriteReport:
     def __str__(self) -> str:
         sites = sum(1 for r in self.replaced if r.site)
         done = f"{len(self.replaced) - sites} node(s)" + (f" and {sites} call site(s)" if sites else "")
-        lines = [f"graph_rewrite: {done} rewritten; tracing: {self.tracing}"]
+        spelled = f" (+{len(self.spellings)} hand-written spelling(s), below)" if self.spellings else ""
+        lines = [f"graph_rewrite: {done} rewritten{spelled}; tracing: {self.tracing}"]
         if self.replaced:
             rows = [
                 (r.node, r.where, r.original, r.lean_op, ", ".join(f"{k}={v:g}" for k, v in r.args.items()))
@@ -90,6 +107,10 @@ class RewriteReport:
                 rows = [row + (r.kind, r.detail) for row, r in zip(rows, self.replaced)]
                 headers += ("kind", "recomputes")
             lines.append(tabulate(rows, headers=headers))
+        if self.spellings:
+            lines.append("hand-written spellings rewritten to the op they spell; forward values change where noted:")
+            rows = [(r.node, r.where, r.original, r.now, r.changes) for r in self.spellings]
+            lines.append(tabulate(rows, headers=("node", "where", "was", "now", "what changes"), maxcolwidths=[None] * 4 + [60]))
         if self.left_alone:
             lines.append("left alone:")
             rows = [(r.node, r.where, r.original, r.reason) + ((_short(r.site),) if self._sites else ())

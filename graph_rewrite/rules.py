@@ -9,7 +9,7 @@ Example::
 
     >>> from graph_rewrite.rules import RULES
     >>> [r.name for r in RULES if r.kind == "output"]
-    ['softplus', 'sigmoid', 'logsigmoid', 'hardtanh', 'relu6', 'leaky_relu']
+    ['softplus', 'sigmoid', 'logsigmoid', 'spellings', 'hardtanh', 'relu6', 'leaky_relu']
 
 Kinds of rule (``rule.kind``):
 
@@ -25,7 +25,7 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -66,13 +66,41 @@ class Rule:
     jit_ops: Tuple[str, ...] = ()
     jit_inplace: Tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def signature(self) -> inspect.Signature:
         P = inspect.Parameter
         return inspect.Signature(
             [P("input", P.POSITIONAL_OR_KEYWORD)]
             + [P(k, P.POSITIONAL_OR_KEYWORD, default=v) for k, v in self.params.items()]
         )
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[Any, Dict[str, float]]:
+        """(input, the op's parameters as floats) of a call ``f(*args, **kwargs)`` of a spelling.
+
+        Raises ``ValueError`` saying why the lean op cannot serve the call: other
+        arguments (``out=``), parameters that are not plain numbers, values ``check`` refuses.
+
+        >>> RULES[0].bind((x, 2), {})          # doctest: +SKIP
+        (x, {'beta': 2.0, 'threshold': 20.0})
+        """
+        if not kwargs and 0 < len(args) <= 1 + len(self.params):  # the common case, without inspect
+            values = dict(self.params)
+            values.update(zip(self.params, args[1:]))
+            x = args[0]
+        else:
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError as e:
+                raise ValueError(f"unexpected arguments ({e})") from None
+            bound.apply_defaults()
+            x, values = bound.arguments.pop("input"), dict(bound.arguments)
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{k} is not a number known when the call is rewritten ({v!r})")
+        params = {k: float(v) for k, v in values.items()}
+        if self.check is not None:
+            self.check(**params)
+        return x, params
 
 
 def _check_softplus(beta: float, threshold: float) -> None:
@@ -105,6 +133,9 @@ RULES: Tuple[Rule, ...] = (
         patterns=(nn.LogSigmoid, F.logsigmoid),
         jit_ops=("aten::log_sigmoid",),
     ),
+    # Hand-written spellings (torch.log(1 + torch.exp(x)), ...): matched as whole
+    # subgraphs by graph_rewrite.spellings, not node by node, so no patterns here.
+    Rule(name="spellings", op=None),
 )
 
 

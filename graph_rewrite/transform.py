@@ -39,7 +39,9 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
 
     Args:
         model: any ``nn.Module``, a ``torch.jit.ScriptModule`` included.
-        ops: the rule names or kinds to apply, e.g. ``["softplus"]`` or ``["recompute"]``; default all.
+        ops: the rule names or kinds to apply, e.g. ``["softplus"]`` or ``["recompute"]``; default
+            all. ``"spellings"`` rewrites hand-written spellings such as ``torch.log(1 + torch.exp(x))``
+            (see :mod:`graph_rewrite.spellings`; listed apart in the report, as forward values change).
 
     Returns:
         For a ScriptModule, a ScriptModule. Otherwise a :class:`RewrittenModule`

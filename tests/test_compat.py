@@ -199,15 +199,36 @@ import os, sys, torch, torch.distributed as dist, torch.nn as nn
 import graph_rewrite
 rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+class Looped(nn.Module):
+    # range() over a size: FX cannot trace it, so the runtime front end rewrites it.
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        for _ in range(x.size(1) // 16):
+            h = torch.nn.functional.softplus(h)
+        return self.b(torch.sigmoid(h))
+
+
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(16, 32), nn.Softplus(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 1))
-lean = graph_rewrite.optimize(model)
+if mode.endswith("runtime"):
+    model = Looped()
+else:
+    model = nn.Sequential(nn.Linear(16, 32), nn.Softplus(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 1))
+import warnings
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    lean = graph_rewrite.optimize(model)
 x = torch.randn(8, 16, generator=torch.Generator().manual_seed(100 + rank))  # different data per rank
 result = {}
 for name, m in [("native", model), ("lean", lean)]:
     for p in model.parameters():
         p.grad = None
-    if mode == "ddp":
+    if mode.startswith("ddp"):
         wrapped = nn.parallel.DistributedDataParallel(m)
         wrapped(x).square().sum().backward()
         result[name] = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -218,6 +239,8 @@ for name, m in [("native", model), ("lean", lean)]:
         fully_shard(m)
         m(x).square().sum().backward()
         result[name] = {n: p.grad.full_tensor().clone() for n, p in m.named_parameters()}
+    if name == "lean":
+        result["rewritten"] = sorted(r.lean_op for r in m.rewrite_report.replaced)
 if rank == 0:
     torch.save(result, out)
 # Both ranks leave together: gloo aborts ("terminate called without an active
@@ -227,7 +250,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "ddp-runtime", "fsdp2-runtime"])
 def test_distributed_gloo_two_processes(tmp_path, mode):
     script = tmp_path / "worker.py"
     script.write_text(_DIST_WORKER)
@@ -238,6 +261,7 @@ def test_distributed_gloo_two_processes(tmp_path, mode):
     errs = [p.communicate(timeout=180)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(errs)
     result = torch.load(out)
+    assert result.pop("rewritten") == ["graph_rewrite.sigmoid", "graph_rewrite.softplus"]
     assert result["native"].keys() == result["lean"].keys()
     for k, g in result["native"].items():
         assert (result["lean"][k] - g).abs().max() <= 1e-5 * g.abs().max(), k

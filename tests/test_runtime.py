@@ -9,29 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import graph_rewrite
-from graph_rewrite.memory import saved_bytes
-
-NATIVE = {"aten.softplus.default", "aten.sigmoid.default", "aten.log_sigmoid_forward.default"}
-
-
-class CountOps(TorchDispatchMode):
-    """Counts, below autograd, the activation kernels that run: native aten ones and lean ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.native = 0
-        self.lean = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        self.native += name in NATIVE
-        self.lean += name.startswith("graph_rewrite.")
-        return func(*args, **(kwargs or {}))
-
+from demos.works_on import NATIVE, CountOps
 
 def optimize_quietly(model, **kw):
     with warnings.catch_warnings(record=True) as caught:
@@ -276,3 +257,27 @@ def test_partly_traced_model_runs_only_the_untraceable_module_under_the_mode():
     assert (ops.native, ops.lean) == (2, 2)  # the original's two calls are the native ones
     (site,) = [r for r in lean.rewrite_report.replaced if r.site]
     assert (site.where, site.original) == ("2.act", "F.softplus")
+
+
+def test_bad_input_gets_a_clear_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        graph_rewrite.optimize(F.softplus)
+
+    class Raises(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = F.softplus(self.lin(x))
+            raise RuntimeError("the model's own error")
+
+    model = Raises()
+    lean, caught = optimize_quietly(model)
+    assert any("the model's own error" in w for w in caught)  # FX's trace ran into it: said in the warning
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="the model's own error"):
+        lean(x)
+    assert torch._C._len_torch_function_stack() == 0  # the mode was left on the way out
+    with pytest.raises(ValueError, match="original model rejected the inputs: RuntimeError: the model's own error"):
+        graph_rewrite.verify(model, lean, x)

@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ..report import RewriteReport, Uncovered
+from ..report import Respelled, RewriteReport, Uncovered
 from ..rules import Rule
-from .fx_pass import has_hooks, rewrite_graph
+from ..spellings import rewrite_spellings
+from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
 from .runtime import run_under_mode
 
@@ -291,12 +292,13 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
         return False
     sub = RewriteReport()
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
-    if not sub.replaced:
+    if not sub.replaced and not sub.spellings:
         return True  # traced: nothing to rewrite in it, nothing left to search
     child.forward = _GuardedForward(child, gm, arity)
     for rec in sub.replaced:
         report.replaced.append(dataclasses.replace(rec, where=_join(path, rec.where)))
     report.left_alone += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.left_alone]
+    report.spellings += [dataclasses.replace(r, where=_join(path, r.where)) for r in sub.spellings]
     report.uncovered += [Uncovered(_join(path, u.module), u.reason) for u in sub.uncovered]
     report.notes += [n for n in sub.notes if n not in report.notes]
     return True
@@ -317,8 +319,14 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     seen = set()
     codes = {}
     code_of: Dict[int, str] = {}  # a graph may serve two modes: rewrite it once
+    names = [r.name for r in rules]
     for mode, graph in graphs.items():
         if id(graph) not in code_of:
+            # Spellings first: -F.softplus(-x) must be seen before F.softplus is rewritten alone.
+            for node, where, spelling in rewrite_spellings(graph, names, _where):
+                if (node, where, "spelling") not in seen:
+                    seen.add((node, where, "spelling"))
+                    report.spellings.append(Respelled(node, where, spelling.name, spelling.lean_op, spelling.changes))
             replaced, left = rewrite_graph(graph, modules, rules)
             more, more_left = rewrite_recompute(graph, modules, rules)
             replaced, left = replaced + more, left + more_left
@@ -353,9 +361,10 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
 
 def _warn_uncovered(report: RewriteReport) -> None:
     if report.uncovered:
-        names = ", ".join(u.module or "<root>" for u in report.uncovered)
+        why = "; ".join(f"{u.module or '<root>'}: {u.reason}" for u in report.uncovered[:3])
+        more = f"; and {len(report.uncovered) - 3} more" if len(report.uncovered) > 3 else ""
         warnings.warn(
-            f"graph_rewrite: FX could not trace {names}; the calls there are rewritten by the runtime "
+            f"graph_rewrite: FX could not trace {why}{more}. The calls there are rewritten by the runtime "
             "front end as they run (see .rewrite_report after the first forward)",
             stacklevel=3,
         )

@@ -88,28 +88,17 @@ def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tupl
         if len(node.args) + len(node.kwargs) != 1:
             raise ValueError("called with more than one argument")
         x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-        params = {k: getattr(module, k) for k in rule.params}
         if getattr(module, "inplace", False) and not inplace_ok(node, modules):
             raise ValueError("in place, and its input has other uses (or may be a view)")
+        x, params = rule.bind((x, *(getattr(module, k) for k in rule.params)), {})
     else:
         kwargs = dict(node.kwargs)
         inplace = kwargs.pop("inplace", False)  # F.relu6(x, inplace=...) and co.
         if inplace is not False and not (inplace is True and inplace_ok(node, modules)):
             raise ValueError("in place, and its input has other uses (or may be a view)")
-        try:
-            bound = rule.signature.bind(*node.args, **kwargs)
-        except TypeError as e:
-            raise ValueError(f"unexpected arguments ({e})") from None
-        bound.apply_defaults()
-        x, params = bound.arguments.pop("input"), dict(bound.arguments)
+        x, params = rule.bind(node.args, kwargs)
     if not isinstance(x, Node):
         raise ValueError("its input is a constant, not a graph value")
-    for k, v in params.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{k} is not a number known at trace time ({v!r})")
-    params = {k: float(v) for k, v in params.items()}
-    if rule.check is not None:
-        rule.check(**params)
     return x, params
 
 

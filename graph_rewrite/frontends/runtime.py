@@ -147,21 +147,9 @@ class LeanFunctionMode(TorchFunctionMode):
         kwargs = dict(kwargs)
         if kwargs.pop("inplace", False) is not False:  # F.relu6(x, inplace=True): its input may be read later
             raise ValueError("in place: nothing here tells whether its input has other uses")
-        try:
-            bound = rule.signature.bind(*args, **kwargs)
-        except TypeError as e:  # out=, or arguments the op does not take
-            raise ValueError(f"unexpected arguments ({e})") from None
-        bound.apply_defaults()
-        x = bound.arguments.pop("input")
+        x, params = rule.bind(args, kwargs)
         if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
             raise ValueError(f"input is not a floating-point tensor ({getattr(x, 'dtype', type(x).__name__)})")
-        params = dict(bound.arguments)
-        for k, v in params.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{k} is not a Python number ({type(v).__name__})")
-        params = {k: float(v) for k, v in params.items()}
-        if rule.check is not None:
-            rule.check(**params)
         return x, params
 
     def _record(self, rule: Rule, spelling: str, params: Dict[str, float]) -> None:

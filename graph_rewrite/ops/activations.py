@@ -24,13 +24,15 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["softplus", "sigmoid", "logsigmoid", "softplus_needs_branch_mask"]
+__all__ = ["softplus", "sigmoid", "logsigmoid", "softplus_needs_branch_mask", "softplus_beta_is_lean",
+           "underflow_record", "softplus_grad", "logsigmoid_grad"]
 
 # float16/bfloat16 are computed in float32 by the native kernels ("opmath");
 # the backward formulas below do the same so they round like native.
@@ -60,17 +62,34 @@ def _forward(op: torch._ops.OpOverload, kernel, x: Tensor, *args) -> Tensor:
         return op(x, *args)
 
 
-def _define(schema: str, kernel, fake, function: type, needs_graph=None, under_autocast=None) -> None:
+def _is_traced(x: Tensor) -> bool:
+    """Whether ``x`` may be a tracer (FakeTensor, FunctionalTensor, a dispatch mode): no data to look at."""
+    return type(x) is not Tensor or bool(torch._C._len_torch_dispatch_stack())
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform or a forward-AD dual level is active.
+
+    Only then do the ops take their ``setup_context`` Functions (with ``jvp`` and a
+    vmap rule); the plain eager path keeps the cheaper ctx-in-forward form.
+    """
+    return torch._C._are_functorch_transforms_active() or _fwAD._current_level >= 0
+
+
+def _define(schema: str, kernel, fake, function: type, transform_function: Optional[type] = None,
+            needs_graph=None, under_autocast=None) -> None:
     """Define ``graph_rewrite::<name>``: a backend kernel, a fake kernel and an Autograd kernel.
 
     The Autograd kernel applies ``function`` (an autograd.Function that saves the
     output) only when a graph is being recorded; otherwise it goes straight to the
-    backend kernel. The Functions take ``ctx`` in ``forward`` rather than a separate
-    ``setup_context``: on torch 2.15 that form costs ~40 µs less per call. (It
-    rules out torch.func transforms, which custom_op did not support either.)
-    ``needs_graph(x, *args)`` says whether a graph is recorded (default: ``x``
-    requires grad; ops with weights also look at those). ``under_autocast(x, *args)``,
-    when given, runs instead of ``function`` while autocast is on for ``x``'s device.
+    backend kernel. ``function`` takes ``ctx`` in ``forward`` rather than a separate
+    ``setup_context``: that form costs ~40 µs less per call, but torch.func
+    transforms and forward AD refuse it. While one of those is active the kernel
+    applies ``transform_function`` instead (``setup_context``, ``jvp``, vmap rule).
+    Without ``transform_function`` the op raises under those. ``needs_graph(x, *args)``
+    says whether a graph is recorded (default: ``x`` requires grad; ops with weights
+    also look at those). ``under_autocast(x, *args)``, when given, runs instead of
+    ``function`` while autocast is on for ``x``'s device.
     """
     name = schema.split("(", 1)[0]
     _lib.define(schema)
@@ -83,6 +102,11 @@ def _define(schema: str, kernel, fake, function: type, needs_graph=None, under_a
 
     def autograd_kernel(x: Tensor, *args):
         args += defaults[len(args):]
+        if _transforms_active():
+            if transform_function is None:
+                raise NotImplementedError(
+                    f"graph_rewrite::{name} does not support torch.func transforms or forward AD")
+            return transform_function.apply(x, *args)
         if torch.is_grad_enabled() and (x.requires_grad if needs_graph is None else needs_graph(x, *args)):
             if under_autocast is not None and torch.is_autocast_enabled(x.device.type):
                 return under_autocast(x, *args)
@@ -90,6 +114,13 @@ def _define(schema: str, kernel, fake, function: type, needs_graph=None, under_a
         return _forward(op, kernel, x, *args)
 
     _lib.impl(name, autograd_kernel, "Autograd")
+
+    def transforms_kernel(x: Tensor, *args):
+        # torch.func's front key sees the call before any transform has lowered it:
+        # from here the Function is applied as if the user had called it.
+        return transform_function.apply(x, *args, *defaults[len(args):])
+
+    _lib.impl(name, transforms_kernel, "FuncTorchDynamicLayerFrontMode")
 
 
 def softplus_needs_branch_mask(dtype: torch.dtype, threshold: float) -> bool:
@@ -114,18 +145,103 @@ def softplus_needs_branch_mask(dtype: torch.dtype, threshold: float) -> bool:
     return math.exp(-threshold) >= torch.finfo(dtype).eps / 16
 
 
-def _check_beta(beta: float) -> None:
-    # beta*y must identify the branch and -expm1(-beta*y) the slope: both break
-    # for beta == 0 or non-finite beta, where native returns inf/nan outputs.
-    if beta == 0 or not math.isfinite(beta):
-        raise ValueError(f"graph_rewrite.softplus needs a finite, non-zero beta, got {beta}")
+def softplus_beta_is_lean(beta: float) -> bool:
+    """Whether the output can carry the slope: ``beta*y`` must identify the branch and
+    ``-expm1(-beta*y)`` give the slope, which breaks for ``beta == 0`` or non-finite beta
+    (native returns inf/nan outputs there). Other betas get the native backward from a
+    saved input, like native itself.
+
+    >>> softplus_beta_is_lean(2.0), softplus_beta_is_lean(0.0), softplus_beta_is_lean(math.inf)
+    (True, False, False)
+    """
+    return beta != 0 and math.isfinite(beta)
+
+
+# ------------------------------------------------------------------ tiny outputs
+def _tiny_outputs(y: Tensor) -> Tensor:
+    """Where ``|y|`` is below the dtype's smallest normal: subnormal or zero outputs.
+
+    There the output has lost relative precision (float16: |y| < 6.1e-5, softplus at
+    x < -9.7, logsigmoid at x > 9.7), yet the slope is about ``|y|`` and a large upstream
+    gradient (loss scaling) shows every lost bit. NaN compares False.
+    """
+    return y.abs() < torch.finfo(y.dtype).tiny
+
+
+def underflow_record(x: Tensor, y: Tensor, sign: int = 0) -> Optional[Tensor]:
+    """The inputs the backward needs where the output cannot carry the slope, or None.
+
+    Eager: ``x`` at the elements of :func:`_tiny_outputs` (masked_select: bytes = the
+    dtype's size per such element; none at all when there are none, the usual case;
+    one host sync per call on accelerators). The backward finds those elements again
+    from ``y``. ``sign``: 1 or -1 if every output is known to have that sign (or be
+    NaN), which makes the test cheaper; 0 if not known. Under tracing the data is unknown: float16 keeps all of ``x`` (2 bytes
+    per element, what native keeps), other dtypes nothing: their outputs underflow only
+    past |x| ~ 87 (bfloat16, float32) or 708 (float64).
+
+    >>> x = torch.tensor([-20.0, 0.0], dtype=torch.float16)
+    >>> underflow_record(x, F.softplus(x))   # softplus(-20) = 2e-9 rounds to 0 in float16
+    tensor([-20.], dtype=torch.float16)
+    """
+    if not x.dtype.is_floating_point:
+        return None
+    if _is_traced(x):
+        return x if x.dtype == torch.float16 else None
+    if not _may_have_tiny_outputs(y, sign):
+        return None
+    tiny = _tiny_outputs(y)
+    return x.masked_select(tiny) if tiny.any() else None
+
+
+def _may_have_tiny_outputs(y: Tensor, sign: int) -> bool:
+    # One reduction instead of abs, compare, any (~2.5 µs at 1k elements): the extreme
+    # nearest 0 decides. NaN (min/max propagate it) falls through to the full test.
+    if y.numel() == 0:
+        return False
+    tiny = torch.finfo(y.dtype).tiny
+    if sign > 0:
+        return not y.amin().item() >= tiny
+    if sign < 0:
+        return not y.amax().item() <= -tiny
+    lo, hi = torch.aminmax(y)
+    return not (lo.item() >= tiny or hi.item() <= -tiny)
+
+
+def _times_grad(t: Tensor, grad: Tensor, inplace: bool) -> Tensor:
+    """``t * grad`` with native's layout: in place into the temporary ``t`` when the
+    strides agree; otherwise a new tensor, ``grad`` first as in native's TensorIterator
+    (a non-contiguous input then gets the gradient's strides, as native gives)."""
+    if inplace and t.stride() == grad.stride():
+        return t.mul_(grad)
+    return torch.mul(grad, t)
+
+
+def _fix_tiny(t: Tensor, y: Tensor, record: Optional[Tensor], exact) -> Tensor:
+    """``t`` with the elements of tiny outputs replaced by ``exact(x)`` from the record.
+
+    A record of ``y``'s shape is the whole input (tracing, transforms); any other is
+    the inputs of the tiny elements, in order. ``exact(x, index)`` gets the inputs and
+    the index (a mask, or None for all) it must apply to any other operand.
+    """
+    if record is None:
+        return t
+    tiny = _tiny_outputs(y)
+    if record.shape == y.shape:
+        return torch.where(tiny, exact(record, None), t)
+    return t.masked_scatter(tiny, exact(record, tiny).to(t.dtype))
+
+
+def _fused():
+    # The one-pass Triton backward (same bits); imported on the first CUDA backward
+    # so that CPU-only use never pays for importing Triton.
+    from . import triton_kernels
+    return triton_kernels
 
 
 # --------------------------------------------------------------------------- softplus
 # Python kernels receive only the arguments that differ from the schema's defaults,
-# so the kernels repeat the defaults.
+# so the kernels repeat the defaults. Native semantics for every beta (0, inf, nan too).
 def _softplus_kernel(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    _check_beta(beta)
     return F.softplus(x, beta, threshold)
 
 
@@ -134,30 +250,143 @@ def _softplus_linear_branch(t: Tensor, beta: float, threshold: float) -> Tensor:
     return _opmath(t) * beta > threshold
 
 
-def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear: Optional[Tensor]) -> Tensor:
-    """``grad * d softplus(x)/dx`` from the output ``y`` (and the branch record, if one is kept).
+def _sigmoid_wide(z: Tensor) -> Tensor:
+    """sigmoid(z) without overflow in ``exp``: with e = exp(-|z|), 1/(1+e) or e/(1+e).
+
+    torch.sigmoid(-100.) is 0 in float32 (exp(100) overflows) where the slope is 3.7e-44.
+
+    >>> _sigmoid_wide(torch.tensor([-100.0], dtype=torch.float64))
+    tensor([3.7201e-44], dtype=torch.float64)
+    """
+    e = torch.exp(-z.abs())
+    return torch.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _softplus_exact_slope(x: Tensor, beta: float, threshold: float) -> Tensor:
+    """sigmoid(beta*x) in float64 (1 on native's linear branch), for the few recorded inputs
+    of tiny outputs: native's float32 ``exp`` is subnormal there (x < -87), and a loss-scaled
+    gradient would show it."""
+    return torch.where(_softplus_linear_branch(x, beta, threshold), 1.0, _sigmoid_wide(x.double() * beta))
+
+
+def _softplus_grad_plain(grad: Tensor, y: Tensor, beta: float, threshold: float,
+                         linear: Optional[Tensor], record: Optional[Tensor], inplace: bool = True) -> Tensor:
+    """``grad * sigmoid(beta*x)`` from ``y``: ``-(expm1(-beta*y) * grad)``, in opmath.
+
+    Where no branch record is kept, ``-expm1(-beta*y)`` is exactly 1 on the linear
+    branch already (what :func:`softplus_needs_branch_mask` tests). Tiny outputs take
+    sigmoid(beta*x) in float64 from their recorded inputs. The result has
+    ``grad``'s strides, like native's. ``inplace=False`` for transforms (vmap cannot
+    write a batched ``grad`` into an unbatched temporary).
+    """
+    t = torch.mul(_opmath(y), -beta)
+    t.expm1_()
+    t = _times_grad(t, grad, inplace)
+    t = t.neg_() if inplace else t.neg()  # -(expm1(-b*y) * g) == g * -expm1(-b*y), bit for bit
+    if linear is not None:  # into t when allowed: keeps grad's strides
+        t = torch.where(linear, _opmath(grad), t, out=t) if inplace else torch.where(linear, _opmath(grad), t)
+
+    def exact(x: Tensor, index: Optional[Tensor]) -> Tensor:
+        g = grad if index is None else grad.masked_select(index)
+        return (g.double() * _softplus_exact_slope(x, beta, threshold)).to(t.dtype)
+
+    return _fix_tiny(t, y, record, exact).to(grad.dtype)
+
+
+def _softplus_slope(y: Tensor, beta: float, threshold: float, linear: Optional[Tensor],
+                    record: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(slope, exp(-beta*y)) in opmath: dy/dx and, times beta, d slope/dy.
+
+    ``exp(-beta*y)`` is computed directly, not as ``1 - slope`` (autograd's ``expm1``
+    backward, ``result + 1``, cancels there: second derivatives of 0 for x >> 0).
+    On the linear branch slope is 1 and e is 0: second derivative 0, like native's.
+    """
+    y_op = _opmath(y)
+    if linear is None:
+        linear = _softplus_linear_branch(y, beta, threshold)
+    z = -beta * y_op
+    slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(z))
+    e = torch.where(linear, torch.zeros_like(y_op), torch.exp(z))
+
+    def exact(x: Tensor, index: Optional[Tensor]) -> Tensor:
+        return _softplus_exact_slope(x, beta, threshold).to(y_op.dtype)
+
+    return _fix_tiny(slope, y, record, exact), e
+
+
+class _SoftplusBackward(torch.autograd.Function):
+    """The softplus backward as a function of (grad, y), with its own derivatives.
+
+    Used for ``create_graph=True`` and under transforms: d/dgrad = slope,
+    d/dy = grad * beta * exp(-beta*y) (0 on the linear branch). With dy/dx = slope the
+    second derivative is ``beta * slope * exp(-beta*y)``, accurate on both sides.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, y, beta, threshold, linear, record):
+        return _softplus_grad_plain(grad, y, beta, threshold, linear, record, inplace=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, y, ctx.beta, ctx.threshold, linear, record = inputs
+        ctx.save_for_backward(grad, y, linear, record)
+        ctx.save_for_forward(grad, y, linear, record)
+
+    @staticmethod
+    def backward(ctx, gg):
+        grad, y, linear, record = ctx.saved_tensors
+        slope, e = _softplus_slope(y, ctx.beta, ctx.threshold, linear, record)
+        gg_op = _opmath(gg)
+        d_grad = (gg_op * slope).to(grad.dtype)
+        d_y = (gg_op * _opmath(grad) * e * ctx.beta).to(y.dtype)
+        return d_grad, d_y, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_grad, t_y, *_):
+        grad, y, linear, record = ctx.saved_tensors
+        slope, e = _softplus_slope(y, ctx.beta, ctx.threshold, linear, record)
+        out = _opmath(t_grad) * slope + _opmath(grad) * e * ctx.beta * _opmath(t_y)
+        return out.to(grad.dtype)
+
+
+def softplus_grad(grad: Tensor, y: Tensor, beta: float, threshold: float, linear: Optional[Tensor],
+                  record: Optional[Tensor] = None) -> Tensor:
+    """``grad * d softplus(x)/dx`` from the output ``y`` (and the records kept, if any).
 
     d/dx = sigmoid(beta*x) = 1 - exp(-beta*y); expm1 keeps the tiny slopes (x ~ -30
-    gives ~1e-13, which 1 - exp() rounds to 0 in float32). Where no branch record is
-    kept, ``-expm1(-beta*y)`` is exactly 1 on the linear branch already (that is what
-    :func:`softplus_needs_branch_mask` tests), so the plain backward skips the branch
-    test and works in place on one temporary. Both paths give the same bits.
+    gives ~1e-13, which 1 - exp() rounds to 0 in float32). ``linear`` is the branch
+    record (see :func:`softplus_needs_branch_mask`), ``record`` the inputs of tiny
+    outputs (see :func:`underflow_record`). With ``create_graph=True`` it is
+    :class:`_SoftplusBackward`, whose derivatives are written out; the plain backward
+    works in place on one temporary. Both give the same bits.
     """
     if torch.is_grad_enabled():
-        # create_graph=True: differentiable ops only, and a slope that is constant 1
-        # on the linear branch, so second derivatives there are 0 like native's.
-        if linear is None:
-            linear = _softplus_linear_branch(y, beta, threshold)
-        y_op = _opmath(y)
-        slope = torch.where(linear, torch.ones_like(y_op), -torch.expm1(-beta * y_op))
-        return (_opmath(grad) * slope).to(grad.dtype)
-    t = torch.mul(_opmath(y), -beta)  # the one new tensor
-    t.expm1_()
-    t.mul_(grad)
-    t.neg_()  # -(expm1(-b*y) * g) == g * -expm1(-b*y), bit for bit
-    if linear is not None:
-        t = torch.where(linear, _opmath(grad), t)
-    return t.to(grad.dtype)
+        return _SoftplusBackward.apply(grad, y, beta, threshold, linear, record)
+    # vmap over the backward (jacrev, batched grads) cannot write into an unbatched temporary.
+    inplace = not torch._C._are_functorch_transforms_active()
+    # CUDA: one fused pass, unless tiny outputs need their recorded inputs.
+    if y.is_cuda and inplace and record is None \
+            and (out := _fused().try_softplus_backward(grad, y, beta, linear)) is not None:
+        return out
+    return _softplus_grad_plain(grad, y, beta, threshold, linear, record, inplace)
+
+
+def _softplus_records(x: Tensor, output: Tensor, beta: float, threshold: float):
+    linear = None
+    if x.dtype.is_floating_point and softplus_needs_branch_mask(x.dtype, threshold):
+        # One bool per element (1 byte: 1/8 of a float64 input, 1/4 of float32 at
+        # small thresholds), kept only where the output cannot tell the branch.
+        linear = _softplus_linear_branch(x, beta, threshold)
+    # threshold >= 0: both branches give outputs of beta's sign.
+    sign = (1 if beta > 0 else -1) if threshold >= 0 else 0
+    return linear, underflow_record(x, output, sign)
+
+
+def _softplus_native_backward(ctx, grad: Tensor) -> Tensor:
+    (x,) = ctx.saved_tensors
+    return torch.ops.aten.softplus_backward(grad, x, ctx.beta, ctx.threshold)
 
 
 class _Softplus(torch.autograd.Function):
@@ -165,24 +394,59 @@ class _Softplus(torch.autograd.Function):
     def forward(ctx, x: Tensor, beta: float, threshold: float) -> Tensor:
         output = _forward(torch.ops.graph_rewrite.softplus.default, _softplus_kernel, x, beta, threshold)
         ctx.beta, ctx.threshold = beta, threshold
-        if x.dtype.is_floating_point and softplus_needs_branch_mask(x.dtype, threshold):
-            # One bool per element (1 byte: 1/8 of a float64 input, 1/4 of float32 at
-            # small thresholds), kept only where the output cannot tell the branch.
-            ctx.save_for_backward(output, _softplus_linear_branch(x, beta, threshold))
-        else:
-            ctx.save_for_backward(output)
+        ctx.lean = softplus_beta_is_lean(beta)
+        if not ctx.lean:  # the output carries no slope: keep the input, as native does
+            ctx.save_for_backward(x)
+            return output
+        ctx.save_for_backward(output, *_softplus_records(x, output, beta, threshold))
         return output
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        y, *linear = ctx.saved_tensors
-        return softplus_grad(grad, y, ctx.beta, ctx.threshold, linear[0] if linear else None), None, None
+        if not ctx.lean:
+            return _softplus_native_backward(ctx, grad), None, None
+        y, linear, record = ctx.saved_tensors
+        return softplus_grad(grad, y, ctx.beta, ctx.threshold, linear, record), None, None
+
+
+class _SoftplusTransforms(torch.autograd.Function):
+    """Softplus for torch.func transforms and forward AD (``setup_context``, ``jvp``, vmap rule).
+
+    Keeps the input as well as the output (no data-dependent records under vmap), so
+    memory is native's here; the derivatives are the lean ones (better second derivatives).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, beta: float, threshold: float) -> Tensor:
+        return _softplus_kernel(x, beta, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.beta, ctx.threshold = inputs
+        ctx.lean = softplus_beta_is_lean(ctx.beta) and x.dtype.is_floating_point
+        ctx.save_for_backward(output, x)
+        ctx.save_for_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        y, x = ctx.saved_tensors
+        if not ctx.lean:
+            return torch.ops.aten.softplus_backward(grad, x, ctx.beta, ctx.threshold), None, None
+        linear = _softplus_linear_branch(x, ctx.beta, ctx.threshold)
+        return softplus_grad(grad, y, ctx.beta, ctx.threshold, linear, x), None, None
+
+    @staticmethod
+    def jvp(ctx, t: Tensor, *_):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.softplus_backward(t, x, ctx.beta, ctx.threshold)  # native's own jvp
 
 
 # The kernel doubles as the fake kernel: on fake tensors F.softplus runs the native
 # meta kernel, which gives the same dtype and strides.
 _define("softplus(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor",
-        _softplus_kernel, _softplus_kernel, _Softplus)
+        _softplus_kernel, _softplus_kernel, _Softplus, _SoftplusTransforms)
 
 
 # --------------------------------------------------------------------------- sigmoid
@@ -201,7 +465,33 @@ class _Sigmoid(torch.autograd.Function):
         return torch.ops.aten.sigmoid_backward(grad, y)
 
 
-_define("sigmoid(Tensor x) -> Tensor", torch.sigmoid, torch.sigmoid, _Sigmoid)
+class _SigmoidTransforms(torch.autograd.Function):
+    """Sigmoid for torch.func transforms and forward AD: native's formulas, from the output."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.sigmoid_backward(grad, y)
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        # Native's jvp formula: sigmoid_backward conjugates its slope (complex inputs).
+        return torch.ops.aten.sigmoid_backward(t.conj(), y).conj()
+
+
+_define("sigmoid(Tensor x) -> Tensor", torch.sigmoid, torch.sigmoid, _Sigmoid, _SigmoidTransforms)
 
 
 # --------------------------------------------------------------------------- logsigmoid
@@ -215,30 +505,113 @@ def _logsigmoid_fake(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-def logsigmoid_grad(grad: Tensor, y: Tensor) -> Tensor:
-    """``grad * d logsigmoid(x)/dx`` from the output: sigmoid(-x) = 1 - exp(y) = -expm1(y)."""
-    if torch.is_grad_enabled():  # create_graph=True: differentiable ops only
-        return (_opmath(grad) * -torch.expm1(_opmath(y))).to(grad.dtype)
-    t = torch.expm1(_opmath(y))
-    t.mul_(grad)
-    t.neg_()
-    return t.to(grad.dtype)
+def _logsigmoid_exact_slope(x: Tensor) -> Tensor:
+    """sigmoid(-x) from the input (for jvp: in opmath; for the tiny-output records: float64)."""
+    return _sigmoid_wide(-_opmath(x))
+
+
+def _logsigmoid_grad_plain(grad: Tensor, y: Tensor, record: Optional[Tensor], inplace: bool = True) -> Tensor:
+    """``grad * sigmoid(-x)`` from ``y``: ``-(expm1(y) * grad)`` in opmath; tiny outputs
+    (x >> 0) from their recorded inputs. ``grad``'s strides, like native's."""
+    t = _times_grad(torch.expm1(_opmath(y)), grad, inplace)
+    t = t.neg_() if inplace else t.neg()
+
+    def exact(x: Tensor, index: Optional[Tensor]) -> Tensor:
+        g = grad if index is None else grad.masked_select(index)
+        return (g.double() * _logsigmoid_exact_slope(x.double())).to(t.dtype)
+
+    return _fix_tiny(t, y, record, exact).to(grad.dtype)
+
+
+def _logsigmoid_slope(y: Tensor, record: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(slope, exp(y)) in opmath: slope = sigmoid(-x) = -expm1(y), d slope/dy = -exp(y).
+
+    ``exp(y)`` directly, not ``expm1(y) + 1``, which cancels to 0 for x << 0."""
+    y_op = _opmath(y)
+    slope = _fix_tiny(-torch.expm1(y_op), y, record, lambda x, index: _logsigmoid_exact_slope(x.double()).to(y_op.dtype))
+    return slope, torch.exp(y_op)
+
+
+class _LogSigmoidBackward(torch.autograd.Function):
+    """The logsigmoid backward as a function of (grad, y): d/dgrad = slope,
+    d/dy = -grad * exp(y); second derivative ``-slope * exp(y)`` = -sigmoid(x)sigmoid(-x)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, y, record):
+        return _logsigmoid_grad_plain(grad, y, record, inplace=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, gg):
+        grad, y, record = ctx.saved_tensors
+        slope, e = _logsigmoid_slope(y, record)
+        gg_op = _opmath(gg)
+        return (gg_op * slope).to(grad.dtype), (-(gg_op * _opmath(grad)) * e).to(y.dtype), None
+
+    @staticmethod
+    def jvp(ctx, t_grad, t_y, _):
+        grad, y, record = ctx.saved_tensors
+        slope, e = _logsigmoid_slope(y, record)
+        return (_opmath(t_grad) * slope - _opmath(grad) * e * _opmath(t_y)).to(grad.dtype)
+
+
+def logsigmoid_grad(grad: Tensor, y: Tensor, record: Optional[Tensor] = None) -> Tensor:
+    """``grad * d logsigmoid(x)/dx`` from the output: sigmoid(-x) = 1 - exp(y) = -expm1(y).
+
+    ``record``: the inputs of tiny outputs (:func:`underflow_record`)."""
+    if torch.is_grad_enabled():  # create_graph=True: derivatives written out
+        return _LogSigmoidBackward.apply(grad, y, record)
+    inplace = not torch._C._are_functorch_transforms_active()
+    if y.is_cuda and inplace and record is None and (out := _fused().try_logsigmoid_backward(grad, y)) is not None:
+        return out
+    return _logsigmoid_grad_plain(grad, y, record, inplace)
 
 
 class _LogSigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         output = _forward(torch.ops.graph_rewrite.logsigmoid.default, _logsigmoid_kernel, x)
-        ctx.save_for_backward(output)
+        ctx.save_for_backward(output, underflow_record(x, output, sign=-1))  # logsigmoid <= 0
         return output
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (y,) = ctx.saved_tensors
-        return logsigmoid_grad(grad, y)
+        y, record = ctx.saved_tensors
+        return logsigmoid_grad(grad, y, record)
 
 
-_define("logsigmoid(Tensor x) -> Tensor", _logsigmoid_kernel, _logsigmoid_fake, _LogSigmoid)
+class _LogSigmoidTransforms(torch.autograd.Function):
+    """Logsigmoid for torch.func transforms and forward AD; keeps the input as well."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return F.logsigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output, inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        y, x = ctx.saved_tensors
+        return logsigmoid_grad(grad, y, x)
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return (_opmath(t) * _logsigmoid_exact_slope(x)).to(t.dtype)
+
+
+_define("logsigmoid(Tensor x) -> Tensor", _logsigmoid_kernel, _logsigmoid_fake, _LogSigmoid, _LogSigmoidTransforms)
 
 
 # The packets: what the FX pass inserts, and what users and TorchScript call.

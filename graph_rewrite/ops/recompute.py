@@ -104,7 +104,7 @@ def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0):
 
 _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
         "Tensor? gate=None, float act_arg=0.0) -> Tensor",
-        _linear_kernel, _linear_kernel, _RecomputeLinear, _any_requires_grad, _linear_autocast)
+        _linear_kernel, _linear_kernel, _RecomputeLinear, needs_graph=_any_requires_grad, under_autocast=_linear_autocast)
 
 
 # --------------------------------------------------------------------------- convolution
@@ -157,7 +157,7 @@ def _conv_autocast(x, h, act, weight, bias, stride, padding, dilation, groups, a
 
 _define("recompute_conv(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
         "int[] dilation, int groups, float act_arg=0.0) -> Tensor",
-        _conv_kernel, _conv_kernel, _RecomputeConv, _any_requires_grad, _conv_autocast)
+        _conv_kernel, _conv_kernel, _RecomputeConv, needs_graph=_any_requires_grad, under_autocast=_conv_autocast)
 
 
 # --------------------------------------------------------------------------- mul
@@ -196,7 +196,7 @@ def _mul_autocast(x, h, act, other, act_arg=0.0):
 
 
 _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=0.0) -> Tensor",
-        _mul_kernel, _mul_kernel, _RecomputeMul, _any_requires_grad, _mul_autocast)
+        _mul_kernel, _mul_kernel, _RecomputeMul, needs_graph=_any_requires_grad, under_autocast=_mul_autocast)
 
 
 recompute_linear = torch.ops.graph_rewrite.recompute_linear
