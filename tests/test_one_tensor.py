@@ -329,3 +329,18 @@ def test_runtime_front_end_leaves_in_place_calls_native():
     x = torch.randn(3, 4) * 10
     torch.testing.assert_close(lean(x), model(x), rtol=0, atol=0)
     assert lean.rewrite_report.counts() == {"graph_rewrite.leaky_relu": 1}
+
+
+def test_compile_backend_applies_the_recompute_kind():
+    from graph_rewrite.report import RewriteReport
+
+    model, x = _build("gated_mlp")
+    report = RewriteReport()
+    fast = torch.compile(model, backend="graph_rewrite", options={"report": report})
+    out, got = _grads(fast, x, torch.ones(x.shape[:-1] + (32,)))
+    ref_out, ref = _grads(model, x, torch.ones_like(out))
+    assert report.counts_by_kind() == {"recompute": 2}
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert _held(fast, x) < _held(model, x)

@@ -26,6 +26,7 @@ from torch import fx
 from ..report import RewriteReport
 from ..rules import rules_for
 from .fx_pass import rewrite_graph
+from .fx_recompute import rewrite_recompute
 
 __all__ = ["backend"]
 
@@ -47,7 +48,11 @@ def backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Dic
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ValueError(f"graph_rewrite backend: unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    replaced, left_alone = rewrite_graph(gm.graph, dict(gm.named_modules()), rules_for(options.get("ops")))
+    rules, modules = rules_for(options.get("ops")), dict(gm.named_modules())
+    replaced, left_alone = rewrite_graph(gm.graph, modules, rules)
+    # Kind "recompute" too: Dynamo's graph shows every use of an activation's output.
+    more, more_left = rewrite_recompute(gm.graph, modules, rules)
+    replaced, left_alone = replaced + more, left_alone + more_left
     gm.recompile()
     report = options.get("report")
     if report is not None:
