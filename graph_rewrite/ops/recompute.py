@@ -36,15 +36,16 @@ __all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul"]
 
 # The activations a consumer can recompute: name -> native call with its one parameter.
 # The same kernels as forward, on the same input, so h comes back bit for bit.
+# The C entry points the F.* functions end in (the same kernels, minus a Python hop each).
 ACTIVATIONS: Dict[str, Callable[[Tensor, float], Tensor]] = {
-    "gelu": lambda x, a: F.gelu(x),
-    "gelu_tanh": lambda x, a: F.gelu(x, approximate="tanh"),
-    "silu": lambda x, a: F.silu(x),
-    "hardswish": lambda x, a: F.hardswish(x),
-    "mish": lambda x, a: F.mish(x),
-    "elu": lambda x, a: F.elu(x, a),
-    "celu": lambda x, a: F.celu(x, a),
-    "selu": lambda x, a: F.selu(x),
+    "gelu": lambda x, a: torch._C._nn.gelu(x),
+    "gelu_tanh": lambda x, a: torch._C._nn.gelu(x, approximate="tanh"),
+    "silu": lambda x, a: torch._C._nn.silu(x),
+    "hardswish": lambda x, a: torch._C._nn.hardswish(x),
+    "mish": lambda x, a: torch._C._nn.mish(x),
+    "elu": lambda x, a: torch._C._nn.elu(x, a),
+    "celu": lambda x, a: torch.celu(x, a),
+    "selu": lambda x, a: torch.selu(x),
 }
 
 
@@ -121,7 +122,7 @@ def conv_backward(grad: Tensor, h: Tensor, weight: Tensor, has_bias: bool, strid
     if unbatched:
         grad, h = grad.unsqueeze(0), h.unsqueeze(0)
     n = weight.dim() - 2
-    gh, gw, gb = torch.ops.aten.convolution_backward(
+    gh, gw, gb = torch.ops.aten.convolution_backward.default(
         grad, h, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
         False, [0] * n, groups, [needs[0], needs[1], needs[2] and has_bias],
     )
@@ -167,9 +168,16 @@ def _mul_kernel(x: Tensor, h: Tensor, act: str, other: Tensor, act_arg: float = 
 
 def mul_backward(grad: Tensor, h: Tensor, other: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
     """Gradients of ``h * other`` for (h, other), reduced to each operand's shape like native's MulBackward0."""
-    gh = (grad * other).sum_to_size(h.shape).to(h.dtype) if needs[0] else None
-    go = (grad * h).sum_to_size(other.shape).to(other.dtype) if needs[1] else None
+    gh = _reduce_to(grad * other, h) if needs[0] else None
+    go = _reduce_to(grad * h, other) if needs[1] else None
     return [gh, go]
+
+
+def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
+    # What autograd's engine does to a broadcast operand's gradient: sum, then cast.
+    if g.shape != like.shape:
+        g = g.sum_to_size(like.shape)
+    return g if g.dtype == like.dtype else g.to(like.dtype)
 
 
 class _RecomputeMul(torch.autograd.Function):
