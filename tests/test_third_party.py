@@ -58,7 +58,11 @@ def test_every_activation_call_is_reached_and_only_the_native_inputs_are_dropped
     report = graph_rewrite.verify(model, lean, *inputs)
     assert report.ok, str(report)
     before, after = report.activation_bytes
-    assert before - after == sum(kept.kept.values())
+    if any(r.kind == "recompute" for r in lean.rewrite_report.replaced):
+        # Issue 12's consumers (Qwen3-Next's gated MLP) drop more than the activations' inputs.
+        assert before - after > sum(kept.kept.values())
+    else:
+        assert before - after == sum(kept.kept.values())
     assert lean.rewrite_report.replaced and all(r.site or r.node != "-" for r in lean.rewrite_report.replaced)
 
 
