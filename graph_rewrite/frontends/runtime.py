@@ -124,10 +124,10 @@ class LeanFunctionMode(TorchFunctionMode):
         self.__init__(rules_for(state["rules"]), state["report"], state["owner"], state["prefix"])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         entry = self.table.get(func)
-        if entry is None:
-            return func(*args, **kwargs)
+        if entry is None:  # nearly every call: as little Python as possible
+            return func(*args, **kwargs) if kwargs else func(*args)
+        kwargs = kwargs or {}
         rule, spelling, inplace = entry
         if inplace:
             self._left_alone(spelling, "in-place: rewriting would drop the mutation of its input")
