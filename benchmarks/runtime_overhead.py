@@ -117,12 +117,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared machine more threads than free cores stall)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     load = os.getloadavg()[0]
     print(f"# Runtime front end overhead\n\n{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, CPU, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, git {commit}, load average at start {load:.2f}\n")
+          f"torch {torch.__version__} ({torch.get_num_threads()} thread), git {commit}, load average at start {load:.2f}\n")
     rows, enter, lean_direct = per_call(args.quick)
     print("| call | µs without the mode | µs under the mode | added by the mode |\n|---|---|---|---|")
     for label, plain, moded, added in rows:
