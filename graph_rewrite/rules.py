@@ -25,13 +25,12 @@ import inspect
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
-from typing import ClassVar, Dict
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.graph_rewrite.*)
 
@@ -106,37 +105,6 @@ class Rule:
 def _check_softplus(beta: float, threshold: float) -> None:
     if beta == 0 or not math.isfinite(beta):
         raise ValueError(f"beta={beta} (the lean op needs a finite, non-zero beta)")
-
-
-RULES: Tuple[Rule, ...] = (
-    Rule(
-        name="softplus",
-        op=torch.ops.graph_rewrite.softplus,
-        params={"beta": 1.0, "threshold": 20.0},
-        patterns=(nn.Softplus, F.softplus),
-        check=_check_softplus,
-        jit_ops=("aten::softplus",),
-    ),
-    Rule(
-        name="sigmoid",
-        op=torch.ops.graph_rewrite.sigmoid,
-        # F.sigmoid is a Python function that FX traces into x.sigmoid().
-        patterns=(nn.Sigmoid, torch.sigmoid, torch.special.expit, F.sigmoid, "sigmoid"),
-        inplace=(torch.sigmoid_, "sigmoid_"),
-        # torch.special.expit and F.sigmoid compile to aten::sigmoid too.
-        jit_ops=("aten::sigmoid",),
-        jit_inplace=("aten::sigmoid_",),
-    ),
-    Rule(
-        name="logsigmoid",
-        op=torch.ops.graph_rewrite.logsigmoid,
-        patterns=(nn.LogSigmoid, F.logsigmoid),
-        jit_ops=("aten::log_sigmoid",),
-    ),
-    # Hand-written spellings (torch.log(1 + torch.exp(x)), ...): matched as whole
-    # subgraphs by graph_rewrite.spellings, not node by node, so no patterns here.
-    Rule(name="spellings", op=None),
-)
 
 
 # ------------------------------------------------------------------ kind "recompute"
@@ -303,7 +271,34 @@ def _check_slope(negative_slope: float) -> None:
 
 
 # One entry per activation or consumer. Kind "output" first, then kind "recompute".
-RULES = RULES + (
+RULES: Tuple[Any, ...] = (
+    Rule(
+        name="softplus",
+        op=torch.ops.graph_rewrite.softplus,
+        params={"beta": 1.0, "threshold": 20.0},
+        patterns=(nn.Softplus, F.softplus),
+        check=_check_softplus,
+        jit_ops=("aten::softplus",),
+    ),
+    Rule(
+        name="sigmoid",
+        op=torch.ops.graph_rewrite.sigmoid,
+        # F.sigmoid is a Python function that FX traces into x.sigmoid().
+        patterns=(nn.Sigmoid, torch.sigmoid, torch.special.expit, F.sigmoid, "sigmoid"),
+        inplace=(torch.sigmoid_, "sigmoid_"),
+        # torch.special.expit and F.sigmoid compile to aten::sigmoid too.
+        jit_ops=("aten::sigmoid",),
+        jit_inplace=("aten::sigmoid_",),
+    ),
+    Rule(
+        name="logsigmoid",
+        op=torch.ops.graph_rewrite.logsigmoid,
+        patterns=(nn.LogSigmoid, F.logsigmoid),
+        jit_ops=("aten::log_sigmoid",),
+    ),
+    # Hand-written spellings (torch.log(1 + torch.exp(x)), ...): matched as whole
+    # subgraphs by graph_rewrite.spellings, not node by node, so no patterns here.
+    Rule(name="spellings", op=None),
     Rule("hardtanh", torch.ops.graph_rewrite.hardtanh, {"min_val": -1.0, "max_val": 1.0},
          (nn.Hardtanh, F.hardtanh), check=_check_bounds,
          jit_ops=("aten::hardtanh",), jit_inplace=("aten::hardtanh_",)),
