@@ -122,13 +122,19 @@ def _count(model: nn.Module, inputs: tuple) -> CountOps:
     return ops
 
 
-def measure(name: str) -> Dict[str, object]:
+def build_and_optimize(name: str) -> Tuple[nn.Module, nn.Module, tuple]:
+    """(the model in train mode, ``optimize(model)``, its inputs), seeded; warnings silenced."""
     torch.manual_seed(0)
     model, inputs = MODELS[name]()
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lean = graph_rewrite.optimize(model)
+    return model, lean, inputs
+
+
+def measure(name: str) -> Dict[str, object]:
+    model, lean, inputs = build_and_optimize(name)
     native, ops = _count(model, inputs), _count(lean, inputs)
     report = graph_rewrite.verify(model, lean, *inputs)
     return {"model": name, "tracing": lean.rewrite_report.tracing, "calls": native.native,

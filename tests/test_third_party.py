@@ -10,7 +10,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 import graph_rewrite
-from demos.works_on import MODELS, CountOps
+from demos.works_on import MODELS, CountOps, build_and_optimize
 
 pytest.importorskip("transformers")
 pytest.importorskip("mambapy")
@@ -42,12 +42,7 @@ class InputsKept(TorchFunctionMode):
 @pytest.mark.parametrize("name", ["HF MambaForCausalLM", "mambapy Mamba (pscan)", "mambapy Mamba (sequential scan)",
                                   "HF Qwen3NextForCausalLM", "timm NaFlexVit (gated attention)"])
 def test_every_activation_call_is_reached_and_only_the_native_inputs_are_dropped(name):
-    torch.manual_seed(0)
-    model, inputs = MODELS[name]()
-    model.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lean = graph_rewrite.optimize(model)
+    model, lean, inputs = build_and_optimize(name)
     feed = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
     with CountOps() as native, InputsKept() as kept:
         model(*feed)

@@ -79,15 +79,21 @@ def _find(node: Node, rules: Sequence[Rule], modules: Mapping[str, nn.Module]):
     return None
 
 
+def module_call_input(node: Node, modules: Mapping[str, nn.Module]) -> Tuple[nn.Module, object]:
+    """(the module, its one argument) of a ``call_module`` node that a function call may replace;
+    ``ValueError`` says why not (hooks would be skipped, more than one argument)."""
+    module = modules[node.target]
+    if has_hooks(module):
+        raise ValueError("the module has hooks, which a function call would skip")
+    if len(node.args) + len(node.kwargs) != 1:
+        raise ValueError("called with more than one argument")
+    return module, node.args[0] if node.args else next(iter(node.kwargs.values()))
+
+
 def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tuple[Node, Dict[str, float]]:
     """(input node, op parameters) of a matched call; ``ValueError`` says why it cannot be rewritten."""
     if node.op == "call_module":
-        module = modules[node.target]
-        if has_hooks(module):
-            raise ValueError("the module has hooks, which a function call would skip")
-        if len(node.args) + len(node.kwargs) != 1:
-            raise ValueError("called with more than one argument")
-        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        module, x = module_call_input(node, modules)
         if getattr(module, "inplace", False) and not inplace_ok(node, modules):
             raise ValueError("in place, and its input has other uses (or may be a view)")
         x, params = rule.bind((x, *(getattr(module, k) for k in rule.params)), {})

@@ -28,7 +28,7 @@ from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
 from ..rules import Attr, Consumer, Recomputable, is_match, pattern_name
-from .fx_pass import _where, has_hooks, inplace_ok
+from .fx_pass import _where, has_hooks, inplace_ok, module_call_input
 
 __all__ = ["rewrite_recompute"]
 
@@ -156,12 +156,7 @@ def _plan(h: Node, consumers: Sequence[Consumer], modules) -> List[Tuple[Node, N
 def _read_activation(node: Node, rule: Recomputable, modules) -> Tuple[Node, Dict[str, Any], bool]:
     """(input, params, in place?) of a matched activation call; ``ValueError`` says why not."""
     if node.op == "call_module":
-        module = modules[node.target]
-        if has_hooks(module):
-            raise ValueError("the module has hooks, which a function call would skip")
-        if len(node.args) + len(node.kwargs) != 1:
-            raise ValueError("called with more than one argument")
-        x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        module, x = module_call_input(node, modules)
         params = {k: getattr(module, k) for k in rule.params}
         inplace = bool(getattr(module, "inplace", False))
     else:
