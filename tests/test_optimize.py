@@ -256,27 +256,6 @@ def test_untraceable_root_falls_back_to_the_runtime_front_end_with_warning():
     assert list(out.state_dict()) == list(model.state_dict())
 
 
-def test_untraceable_submodule_becomes_a_call_and_the_rest_is_traced():
-    class Picky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.act = nn.Softplus()
-
-        def forward(self, x):
-            return self.act(x) if x.sum() > 0 else x
-
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), Picky())
-    with pytest.warns(UserWarning, match="2"):
-        gm = optimize(model)
-    assert [n.target for n in _lean_nodes(gm)] == [lean.sigmoid]
-    assert [u.module for u in gm.rewrite_report.uncovered] == ["2"]
-    assert type(getattr(gm, "2").act) is nn.Softplus
-    assert "partial" in gm.rewrite_report.tracing
-    x = torch.rand(3, 4, requires_grad=True)
-    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
-    assert gm.rewrite_report.counts() == {"graph_rewrite.sigmoid": 1, "graph_rewrite.softplus": 1}
-
-
 def test_report_prints_a_table():
     gm = optimize(nn.Sequential(nn.Linear(4, 4), nn.Softplus(beta=2.0)))
     text = str(gm.rewrite_report)

@@ -257,6 +257,12 @@ def test_partly_traced_model_runs_only_the_untraceable_module_under_the_mode():
     assert (ops.native, ops.lean) == (2, 2)  # the original's two calls are the native ones
     (site,) = [r for r in lean.rewrite_report.replaced if r.site]
     assert (site.where, site.original) == ("2.act", "F.softplus")
+    # The rest is an FX graph with the lean sigmoid; the module FX could not enter is a call,
+    # with its own nn.Softplus in place (the mode reaches it, nothing is swapped).
+    assert [n.target for n in lean.graph.nodes if str(n.target).startswith("graph_rewrite.")] == \
+        [torch.ops.graph_rewrite.sigmoid]
+    assert type(getattr(lean, "2").act) is nn.Softplus
+    assert lean.rewrite_report.counts() == {"graph_rewrite.sigmoid": 1, "graph_rewrite.softplus": 1}
 
 
 def test_bad_input_gets_a_clear_error():
