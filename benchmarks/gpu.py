@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 import graph_rewrite  # noqa: E402
 from graph_rewrite.ops import activations, triton_kernels  # noqa: E402
 from graph_rewrite.verification import GRAD_TOLERANCES  # noqa: E402
+from models import LlamaMLP, _swap_relu_for_softplus  # noqa: E402  (benchmarks/models.py)
 
 MiB = 2**20
 NO_CUDA = "not measured (no CUDA device)"
@@ -164,19 +165,6 @@ def header(args: argparse.Namespace, device: str) -> str:
 
 
 # ============================================================================ models
-class LlamaMLP(nn.Module):
-    """LLaMA's feed-forward block: ``down(silu(gate(x)) * up(x))``, no biases."""
-
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class LogitsOnly(nn.Module):
     """A HF causal LM returning only its logits (verify compares float outputs)."""
 
@@ -198,15 +186,6 @@ class Autocast(nn.Module):
     def forward(self, *a: Any) -> Any:
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.inner(*a)
-
-
-def _swap_relu(module: nn.Module) -> nn.Module:
-    for name, child in module.named_children():
-        if isinstance(child, nn.ReLU):
-            setattr(module, name, nn.Softplus())
-        else:
-            _swap_relu(child)
-    return module
 
 
 # Sizes: (memory/verify run, step-time run) per mode. "gpu" sizes keep an H100 busy in
@@ -232,7 +211,7 @@ def build(key: str, size: Any, device: str) -> Tuple[nn.Module, Tuple[torch.Tens
 
         batch, res = size
         if key == "resnet50_softplus":
-            model, desc = _swap_relu(torchvision.models.resnet50(weights=None)), "resnet50, every nn.ReLU -> nn.Softplus"
+            model, desc = _swap_relu_for_softplus(torchvision.models.resnet50(weights=None)), "resnet50, every nn.ReLU -> nn.Softplus"
         else:
             model, desc = torchvision.models.efficientnet_b0(weights=None), "efficientnet_b0 as torchvision builds it"
         inputs, desc = (torch.randn(batch, 3, res, res),), f"{desc}, batch {batch} at {res}x{res}"

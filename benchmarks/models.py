@@ -136,3 +136,18 @@ def loss_of(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out.float().sum()
     return sum(t.float().sum() for t in out)
+
+
+class LlamaMLP(nn.Module):
+    """LLaMA's feed-forward block: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, dim: int = 512, hidden: int = 1376) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    # No annotations: torch.jit.script of an FX graph rendered from ``x: torch.Tensor`` fails
+    # ("Unknown type name '_torch_Tensor_'"), and the tests script it.
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

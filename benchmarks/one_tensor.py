@@ -24,28 +24,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import graph_rewrite  # noqa: E402
 from graph_rewrite.memory import saved_bytes  # noqa: E402
 from graph_rewrite.report import estimated_savings  # noqa: E402
+from models import LlamaMLP  # noqa: E402  (benchmarks/models.py)
 
 MiB = 2 ** 20
-
-
-class LlamaMLP(nn.Module):
-    """LLaMA's MLP: down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, dim: int = 512, hidden: int = 1376) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 # name -> (factory, input shape, issue 12's target for the share removed, the issue's headroom "all")

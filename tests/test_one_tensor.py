@@ -4,6 +4,7 @@ Expected values come from native PyTorch (the same model, not optimized); held b
 are what autograd keeps after forward (graph_rewrite.memory.saved_bytes).
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -13,22 +14,13 @@ import torch.nn.functional as F
 import graph_rewrite
 from graph_rewrite import optimize
 from graph_rewrite.memory import saved_bytes
+from benchmarks.models import LlamaMLP
+
+# LLaMA's MLP, down(silu(gate(x)) * up(x)), at test size.
+GatedMLP = functools.partial(LlamaMLP, 32, 88)
 
 torchvision = pytest.importorskip("torchvision")
 lean_ops = torch.ops.graph_rewrite
-
-
-class GatedMLP(nn.Module):
-    """LLaMA's MLP: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, dim=32, hidden=88):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def small_vit():

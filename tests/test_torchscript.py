@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import graph_rewrite
 from graph_rewrite.frontends.torchscript import ScriptRewriteError
-from graph_rewrite.memory import saved_bytes
+from demos.torchscript_memory import kept  # bytes saved by one call after warm-up calls
 
 # torch.jit.script/trace/save/load warn that TorchScript is deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -281,16 +281,6 @@ def test_verify_passes_on_scripted_models():
 MiB = 2**20
 
 
-def _bytes_after_warmup(fn, x, exclude, warmup=3):
-    for _ in range(warmup):
-        xx = x.clone().requires_grad_(True)
-        fn(xx).sum().backward()
-    xx = x.clone().requires_grad_(True)
-    n, out = saved_bytes(lambda: fn(xx), exclude=[*exclude, xx])
-    out.sum().backward()
-    return n
-
-
 @pytest.mark.parametrize("case", ["logsigmoid mlp", "softplus convnet"])
 def test_memory_after_warmup_is_saved_and_no_more_than_the_fx_rewrite(case):
     torch.manual_seed(0)
@@ -309,9 +299,9 @@ def test_memory_after_warmup_is_saved_and_no_more_than_the_fx_rewrite(case):
         script = torch.jit.trace(model, x)
     params = list(model.parameters())
     lean = graph_rewrite.optimize(script)
-    native_bytes = _bytes_after_warmup(script, x, params)
-    lean_bytes = _bytes_after_warmup(lean, x, params)
-    fx_bytes = _bytes_after_warmup(graph_rewrite.optimize(model), x, params)
+    native_bytes = kept(script, x, params, warmup=3)
+    lean_bytes = kept(lean, x, params, warmup=3)
+    fx_bytes = kept(graph_rewrite.optimize(model), x, params, warmup=3)
     assert lean_bytes == lean_expected
     assert lean_bytes <= fx_bytes
     assert lean_bytes < native_bytes
@@ -340,8 +330,8 @@ def test_softplus_mlp_is_not_worse_than_torchscripts_own_autodiff():
     script = torch.jit.script(model)
     lean = graph_rewrite.optimize(script)
     params = list(model.parameters())
-    assert _bytes_after_warmup(lean, x, params) <= _bytes_after_warmup(script, x, params)
-    assert _bytes_after_warmup(lean, x, params) == 4 * 16 * 128 * 4
+    assert kept(lean, x, params, warmup=3) <= kept(script, x, params, warmup=3)
+    assert kept(lean, x, params, warmup=3) == 4 * 16 * 128 * 4
 
 
 # --------------------------------------------------------------------------- save, load, errors
