@@ -6,7 +6,7 @@
 # Needs torch, torchvision, triton, pytest (tabulate for graph_rewrite); no network, no
 # install (the checkout is put on PYTHONPATH). transformers is optional: without it the
 # Mamba rows say "skipped: transformers is not installed". About 6 minutes on one H100
-# (estimate, not measured): the kernel tests first (at most 90 s), then gpu.py, which
+# (estimate, not measured): the kernel and op tests first (at most 150 s), then gpu.py, which
 # starts no new model after 300 s and writes OUT_DIR/GPU.md after every section.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +16,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 py="${PYTHON:-python}"  # PYTHON=/path/to/python to pick another interpreter
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu_tests.txt"
-# The kernel on the device against the composite, and the interpreter cases.
-timeout 90 "$py" -m pytest -q -p no:warnings -p no:cacheprovider tests/test_triton_kernels.py 2>&1 \
+# The kernel on the device against the composite, the interpreter cases, and the ops on CUDA
+# against native and the 50-digit references (tests/conftest.py adds "cuda" to DEVICES).
+timeout 150 "$py" -m pytest -q -p no:warnings -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py 2>&1 \
     | tail -20 | tee -a "$out/gpu_tests.txt"
-timeout 420 "$py" benchmarks/gpu.py --out "$out/GPU.md" --budget 300
-echo "wrote $out/GPU.md and $out/gpu_tests.txt"
+timeout 420 "$py" benchmarks/gpu.py --out "$out/GPU.md" --budget "${BUDGET:-300}"
+# Per-call cost at 1,000 elements on the device (launch-bound: what the host pays per call).
+timeout 60 "$py" benchmarks/eager_call.py 30 cuda 2>&1 | tee "$out/eager_call_cuda.txt"
+echo "wrote $out/GPU.md, $out/gpu_tests.txt and $out/eager_call_cuda.txt"
