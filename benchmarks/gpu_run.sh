@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 # The kernel on the device against the composite, the interpreter cases, and the ops on CUDA
 # against native and the 50-digit references (tests/conftest.py adds "cuda" to DEVICES).
 timeout 150 "$py" -m pytest -q -p no:warnings -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py 2>&1 \
-    | tail -20 | tee -a "$out/gpu_tests.txt"
+    | tee "$out/gpu_pytest.log" | tail -20 | tee -a "$out/gpu_tests.txt"
 timeout 420 "$py" benchmarks/gpu.py --out "$out/GPU.md" --budget "${BUDGET:-300}"
 # Per-call cost at 1,000 elements on the device (launch-bound: what the host pays per call).
 timeout 60 "$py" benchmarks/eager_call.py 30 cuda 2>&1 | tee "$out/eager_call_cuda.txt"
