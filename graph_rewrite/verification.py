@@ -603,31 +603,37 @@ def _grad_dtype(name: str, *grad_dicts: Dict[str, Optional[Tensor]]) -> torch.dt
     return torch.float32
 
 
-def _tf32_allowed() -> bool:
-    """Whether CUDA float32 convolutions or matmuls may round their inputs to TF32.
+def _tf32_allowed(model: nn.Module) -> bool:
+    """Whether ``model``'s CUDA float32 matmuls or convolutions may round their inputs to TF32.
 
-    cuDNN allows it by default. TF32 keeps float16's 10-bit mantissa, so two correct
-    float32 runs whose inputs differ in the last bit differ like float16 runs do
-    (resnet50 with softplus on an H100: 1.2e-3 of the largest gradient with TF32,
-    1.9e-6 without; both 0.147 from float64 with it; ``benchmarks/GPU.md``).
+    cuDNN allows it for convolutions (and RNNs) by default, cuBLAS for matmuls only when
+    asked. TF32 keeps float16's 10-bit mantissa, so two correct float32 runs whose inputs
+    differ in the last bit differ like float16 runs do (resnet50 with softplus on an
+    H100: 1.2e-3 of the largest gradient with TF32, 1.9e-6 without; both 0.147 from
+    float64 with it; ``benchmarks/GPU.md``). Convolutions are found by module type:
+    one called through ``F.conv2d`` keeps float32's (stricter) tolerance.
     """
-    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
-                or torch.get_float32_matmul_precision() != "highest")
+    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        return True
+    return bool(torch.backends.cudnn.allow_tf32) and any(
+        isinstance(m, (nn.modules.conv._ConvNd, nn.RNNBase)) for m in model.modules())
 
 
-def _grad_tolerance(name: str, orig: Dict[str, Optional[Tensor]], opt: Dict[str, Optional[Tensor]]) -> float:
+def _grad_tolerance(name: str, orig: Dict[str, Optional[Tensor]], opt: Dict[str, Optional[Tensor]],
+                    tf32: bool = False) -> float:
     dtype = _grad_dtype(name, orig, opt)
     g = orig.get(name) if orig.get(name) is not None else opt.get(name)
-    if dtype in (torch.float32, torch.complex64) and g is not None and g.is_cuda and _tf32_allowed():
+    if tf32 and dtype in (torch.float32, torch.complex64) and g is not None and g.is_cuda:
         return GRAD_TOLERANCES[torch.float16]
     return GRAD_TOLERANCES.get(dtype, 1e-3)
 
 
 def _compare_grads(
-    label: str, orig: Dict[str, Optional[Tensor]], opt: Dict[str, Optional[Tensor]], grad_tol: Optional[float]
+    label: str, orig: Dict[str, Optional[Tensor]], opt: Dict[str, Optional[Tensor]], grad_tol: Optional[float],
+    tf32: bool = False,
 ) -> Check:
     errors, scale = _grad_errors(orig, opt)
-    tol = {n: grad_tol if grad_tol is not None else _grad_tolerance(n, orig, opt) for n in errors}
+    tol = {n: grad_tol if grad_tol is not None else _grad_tolerance(n, orig, opt, tf32) for n in errors}
     failing = sorted((n for n in errors if not errors[n] <= tol[n]), key=lambda n: -errors[n])
     where = max(errors, key=lambda n: errors[n] / tol[n])
     worst = errors[where]
@@ -638,7 +644,7 @@ def _compare_grads(
     else:
         detail = f"{len(errors)}/{len(errors)} tensors within tolerance of the largest |grad| ({scale:.3g})"
     if grad_tol is None and tol[where] != GRAD_TOLERANCES.get(_grad_dtype(where, orig, opt), 1e-3):
-        detail += ("; CUDA float32 with TF32 allowed: float16's tolerance (TF32 rounds to its mantissa); "
+        detail += ("; CUDA float32 with TF32 allowed for its convolutions or matmuls: float16's tolerance (TF32 rounds to its mantissa); "
                    "reference64=True compares both against float64")
     return Check(label, not failing, worst, where, tol[where], detail)
 
@@ -818,7 +824,7 @@ def verify(
         report.checks.append(buffers)
     if opt.backward_error is not None:
         report.checks.append(Check("backward", False, math.inf, "optimized", 0.0, opt.backward_error))
-    report.checks += _gradient_checks(orig, opt, grad_tol, report.notes)
+    report.checks += _gradient_checks(orig, opt, grad_tol, report.notes, tf32=_tf32_allowed(original))
     if ref is not None:
         report.checks.append(_compare_reference(orig, opt, ref))
     report.activation_bytes = (orig.activation_bytes, opt.activation_bytes)
@@ -849,7 +855,8 @@ def _check_differentiable(orig: _Run) -> None:
         )
 
 
-def _gradient_checks(orig: _Run, opt: _Run, grad_tol: Optional[float], notes: List[str]) -> List[Check]:
+def _gradient_checks(orig: _Run, opt: _Run, grad_tol: Optional[float], notes: List[str],
+                     tf32: bool = False) -> List[Check]:
     checks = []
     for label, group, empty in (
         ("input gradients", "input_grads", "no float input: input gradients not checked"),
@@ -860,5 +867,5 @@ def _gradient_checks(orig: _Run, opt: _Run, grad_tol: Optional[float], notes: Li
             notes.append(empty)
             checks.append(Check(label, True, None, "-", None, "skipped: " + empty.split(":")[0]))
             continue
-        checks.append(_compare_grads(label, grads, getattr(opt, group), grad_tol))
+        checks.append(_compare_grads(label, grads, getattr(opt, group), grad_tol, tf32))
     return checks

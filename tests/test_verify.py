@@ -220,30 +220,32 @@ def test_tolerances_can_be_overridden():
 
 
 
-def test_cuda_float32_gradients_get_float16s_tolerance_only_while_tf32_is_allowed():
+def test_cuda_float32_gradients_get_float16s_tolerance_only_where_tf32_may_apply():
     # On an H100, resnet50 with softplus: lean vs native 1.2e-3 of the largest gradient
     # with cuDNN's default TF32, 1.9e-6 without (benchmarks/GPU.md). Fake CUDA tensors
     # stand in for the device here; the GPU run checks the real thing.
     from torch._subclasses.fake_tensor import FakeTensorMode
     from graph_rewrite import verification as V
 
-    with FakeTensorMode():
-        on_gpu = torch.empty(3, device="cuda")
     if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
         pytest.skip("TF32 matmuls allowed in this process (torch's default is not)")
+    with FakeTensorMode():
+        on_gpu = torch.empty(3, device="cuda")
+    convnet, mlp = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Softplus()), nn.Sequential(nn.Linear(3, 3), nn.Softplus())
     # Only the cuDNN flag is toggled: setting cuBLAS's turns its fp32_precision from
     # "none" (inherit) to "ieee", which restoring the flag does not undo.
     cudnn = torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = True
-        assert V._grad_tolerance("w", {"w": on_gpu}, {}) == V.GRAD_TOLERANCES[torch.float16]
-        assert V._grad_tolerance("w", {"w": torch.empty(3)}, {}) == V.GRAD_TOLERANCES[torch.float32]  # CPU: no TF32
-        assert V._grad_tolerance("w", {"w": on_gpu.double()}, {}) == V.GRAD_TOLERANCES[torch.float64]
+        assert V._tf32_allowed(convnet) and not V._tf32_allowed(mlp)  # cuBLAS TF32 is off by default
+        assert V._grad_tolerance("w", {"w": on_gpu}, {}, tf32=True) == V.GRAD_TOLERANCES[torch.float16]
+        assert V._grad_tolerance("w", {"w": on_gpu}, {}, tf32=False) == V.GRAD_TOLERANCES[torch.float32]
+        assert V._grad_tolerance("w", {"w": torch.empty(3)}, {}, tf32=True) == V.GRAD_TOLERANCES[torch.float32]
+        assert V._grad_tolerance("w", {"w": on_gpu.double()}, {}, tf32=True) == V.GRAD_TOLERANCES[torch.float64]
         torch.backends.cudnn.allow_tf32 = False
-        assert V._grad_tolerance("w", {"w": on_gpu}, {}) == V.GRAD_TOLERANCES[torch.float32]
+        assert not V._tf32_allowed(convnet)
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn
-
 
 class _NanGrad(nn.Module):
     """softplus(lin(x)) + sqrt(|x[:, 0]|) + asin(x[:, 1]): where x[i, 0] == 0 the gradient
