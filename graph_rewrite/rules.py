@@ -15,8 +15,9 @@ Kinds of rule (``rule.kind``):
 
 * ``"output"`` (:class:`Rule`): the activation becomes a lean op that keeps its output.
 * ``"recompute"``: an activation that stays native (:class:`Recomputable`: GELU, SiLU,
-  Hardswish, ...) and the layers after it (:class:`Consumer`: Linear, Conv, mul) that
-  keep the activation's input instead of its output and recompute the output in backward.
+  Hardswish, ..., and LayerNorm) and the layers after it (:class:`Consumer`: Linear, Conv,
+  mul) that keep the activation's input instead of its output and recompute the output in
+  backward.
 """
 from __future__ import annotations
 
@@ -116,8 +117,10 @@ class Recomputable:
     function:   the out-of-place functional form, put in place of an in-place spelling.
     params:     its arguments after the input, with their defaults, in ``function``'s order.
     patterns:   spellings found (an ``inplace`` argument or attribute is read too).
-    encode:     maps the params to ``(ops.recompute.ACTIVATIONS key, act_arg)``;
-                ``ValueError`` for values the ops cannot recompute.
+    encode:     maps the params to ``(ops.recompute.ACTIVATIONS key, act_arg)``, or to
+                ``(key, act_arg, {consumer op keyword: value})`` when the recompute needs
+                more (LayerNorm's weight); ``ValueError`` for values the ops cannot recompute.
+    consumers:  the :class:`Consumer` names that can recompute it (empty: all of them).
     """
 
     name: str
@@ -125,7 +128,8 @@ class Recomputable:
     function: Callable[..., Any]
     params: Mapping[str, Any] = field(default_factory=dict)
     patterns: Tuple[Pattern, ...] = ()
-    encode: Callable[..., Tuple[str, float]] = lambda **kw: ("", 0.0)
+    encode: Callable[..., Tuple[Any, ...]] = lambda **kw: ("", 0.0)
+    consumers: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,20 @@ def _plain(name: str) -> Callable[..., Tuple[str, float]]:
     return lambda: (name, 0.0)
 
 
+def _layer_norm(normalized_shape: Any = None, weight: Any = None, bias: Any = None,
+                eps: float = 1e-5) -> Tuple[str, float, Dict[str, Any]]:
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else normalized_shape
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise ValueError(f"normalized_shape is not known at trace time ({normalized_shape!r})")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"eps is not a number known at trace time ({eps!r})")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if not (t is None or isinstance(t, (Node, Attr))):
+            raise ValueError(f"{name} is not a graph value ({type(t).__name__})")
+    return "layer_norm", float(eps), {"norm_shape": list(shape), "norm_weight": weight, "norm_bias": bias}
+
+
 def _check_bounds(min_val: float, max_val: float) -> None:
     if not min_val < max_val:
         raise ValueError(f"min_val={min_val}, max_val={max_val} (needs min_val < max_val)")
@@ -315,6 +333,9 @@ RULES: Tuple[Any, ...] = (
     Recomputable("elu", F.elu, {"alpha": 1.0}, (nn.ELU, F.elu), _alpha("elu")),
     Recomputable("celu", F.celu, {"alpha": 1.0}, (nn.CELU, F.celu), _alpha("celu")),
     Recomputable("selu", F.selu, {}, (nn.SELU, F.selu), _plain("selu")),
+    # LayerNorm keeps its input; the Linear after it (ViT's MLP, ConvNeXt's pwconv1) can too.
+    Recomputable("layer_norm", F.layer_norm, {"normalized_shape": None, "weight": None, "bias": None, "eps": 1e-5},
+                 (nn.LayerNorm, F.layer_norm), _layer_norm, consumers=("linear",)),
     Consumer("linear", torch.ops.graph_rewrite.recompute_linear, (nn.Linear, F.linear), _read_linear, gated=True),
     Consumer("conv", torch.ops.graph_rewrite.recompute_conv,
              (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d), _read_conv),

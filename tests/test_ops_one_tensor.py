@@ -110,6 +110,17 @@ def test_recompute_linear_gated_gradcheck():
     assert gradgradcheck(f, (x, u, w))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_recompute_linear_layer_norm_gradcheck(affine):
+    x, w, b = _f64(2, 3, 5), _f64(4, 5, seed=1), _f64(4, seed=2)
+    lw, lb = (_f64(5, seed=3), _f64(5, seed=4)) if affine else (None, None)
+    f = lambda x, w, b, *ln: lean.recompute_linear(
+        x, F.layer_norm(x, [5], *ln, eps=1e-3), "layer_norm", w, b, None, 1e-3, [5], *ln)
+    args = (x, w, b, lw, lb) if affine else (x, w, b)
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
 @pytest.mark.parametrize("dims,groups,unbatched", [(1, 1, False), (2, 1, False), (2, 3, False), (2, 1, True), (3, 1, False)])
 def test_recompute_conv_gradcheck(dims, groups, unbatched):
     size = (2, 6) + (5,) * dims
@@ -148,6 +159,10 @@ def test_recompute_consumers_bitwise_equal_to_native(dtype):
          lambda x, s: lean.recompute_mul(x, F.mish(x), "mish", s)),
         ((r(3, 16), r(3, 16), r(5, 16)), lambda x, u, w: F.linear(F.silu(x) * u, w),
          lambda x, u, w: lean.recompute_linear(x, F.silu(x) * u, "silu", w, None, u)),
+        ((r(2, 7, 16), r(16), r(16), r(12, 16), r(12)),
+         lambda x, lw, lb, w, b: F.linear(F.layer_norm(x, [16], lw, lb, 1e-6), w, b),
+         lambda x, lw, lb, w, b: lean.recompute_linear(x, F.layer_norm(x, [16], lw, lb, 1e-6), "layer_norm", w, b,
+                                                       None, 1e-6, [16], lw, lb)),
     ]
     for inputs, native, lean_call in cases:
         out = native(*inputs)
@@ -167,12 +182,16 @@ def test_recompute_consumer_keeps_x_not_h():
     assert x.data_ptr() in ptrs and h.data_ptr() not in ptrs
 
 
-@pytest.mark.parametrize("call", ["linear", "conv", "mul", "hardtanh", "leaky_relu"])
+@pytest.mark.parametrize("call", ["linear", "linear_layer_norm", "conv", "mul", "hardtanh", "leaky_relu"])
 def test_opcheck(call):
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    lw, lb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
     args = {
         "linear": (lean.recompute_linear, (x, F.silu(x).detach(), "silu", torch.randn(4, 5, requires_grad=True), None)),
+        "linear_layer_norm": (lean.recompute_linear, (x, F.layer_norm(x, [5], lw, lb).detach(), "layer_norm",
+                                                      torch.randn(4, 5, requires_grad=True), None, None, 1e-5, [5],
+                                                      lw, lb)),
         "conv": (lean.recompute_conv, (x, F.silu(x).detach(), "silu", w, None, [1, 1], [0, 0], [1, 1], 1)),
         "mul": (lean.recompute_mul, (x, F.silu(x).detach(), "silu", torch.randn(2, 3, 1, 1, requires_grad=True))),
         "hardtanh": (lean.hardtanh, (x, 0.0, 6.0)),

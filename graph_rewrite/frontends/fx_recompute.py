@@ -157,7 +157,9 @@ def _read_activation(node: Node, rule: Recomputable, modules) -> Tuple[Node, Dic
     """(input, params, in place?) of a matched activation call; ``ValueError`` says why not."""
     if node.op == "call_module":
         module, x = module_call_input(node, modules)
-        params = {k: getattr(module, k) for k in rule.params}
+        # Tensors of the module (LayerNorm's weight) enter the graph as get_attr nodes.
+        params = {k: Attr(f"{node.target}.{k}") if isinstance(getattr(module, k), torch.Tensor) else getattr(module, k)
+                  for k in rule.params}
         inplace = bool(getattr(module, "inplace", False))
     else:
         P = inspect.Parameter
@@ -188,13 +190,16 @@ def _materialize(graph: Graph, before: Node, value: Any) -> Any:
 
 
 def _rewrite_consumer(graph: Graph, user: Node, h: Node, x: Node, rule: Consumer, args: tuple, act: str,
-                      act_arg: float, gate: Optional[Node] = None) -> None:
+                      act_arg: float, gate: Optional[Node] = None, extra: Optional[Mapping[str, Any]] = None) -> None:
     args = tuple(_materialize(graph, user, a) for a in args)
     kwargs: Dict[str, Any] = {}
     if gate is not None:
         kwargs["gate"] = gate
     if act_arg:
         kwargs["act_arg"] = act_arg
+    for k, v in (extra or {}).items():
+        if v is not None:
+            kwargs[k] = _materialize(graph, user, v)
     user.op, user.target = "call_function", rule.op
     user.args, user.kwargs = (x, h, act, *args), kwargs
 
@@ -225,10 +230,11 @@ def rewrite_recompute(
         original, where = pattern_name(pattern), _where(node)
         try:
             x, params, inplace = _read_activation(node, rule, modules)
-            act, act_arg = rule.encode(**params)
+            act, act_arg, *more = rule.encode(**params)
+            extra = more[0] if more else {}
             if inplace and not inplace_ok(node, modules):
                 raise ValueError("in place, and its input has other uses (or may be a view)")
-            plan = _plan(node, consumers, modules)
+            plan = _plan(node, [c for c in consumers if not rule.consumers or c.name in rule.consumers], modules)
         except (ValueError, _Keeps) as e:
             left_alone.append(LeftAlone(node.name, where, original, f"recompute: {e}"))
             continue
@@ -242,7 +248,7 @@ def rewrite_recompute(
             replaced.append(Replaced(node.name, where, f"{original}(inplace=True)", f"{pattern_name(rule.function)} (out of place)",
                                      {}, kind="recompute", detail="its consumers keep its input"))
         for user, value, consumer, cpattern, args in plan:
-            _rewrite_consumer(graph, user, value, x, consumer, args, act, act_arg)
+            _rewrite_consumer(graph, user, value, x, consumer, args, act, act_arg, extra=extra)
             uwhere = _where(user) if user.op != "call_function" or "nn_module_stack" in user.meta else where
             user.meta["graph_rewrite"] = {"was": pattern_name(cpattern), "where": uwhere, "frees": node.name}
             replaced.append(Replaced(user.name, uwhere, pattern_name(cpattern), f"graph_rewrite.recompute_{consumer.name}",

@@ -12,7 +12,10 @@ Each op takes ``(x, h, act, <the consumer's own arguments>, act_arg)``: ``h`` is
 what forward uses (the native activation already computed it), ``act`` names the
 activation in :data:`ACTIVATIONS` and ``act_arg`` is its one parameter (ELU's alpha).
 ``recompute_linear`` also takes ``gate``: then ``h`` is ``act(x) * gate``, the
-gated MLP of LLaMA-style models, and only ``x`` and ``gate`` are kept.
+gated MLP of LLaMA-style models, and only ``x`` and ``gate`` are kept. It also
+recomputes a LayerNorm (``act="layer_norm"``, ``act_arg`` its eps, ``norm_shape``,
+``norm_weight`` and ``norm_bias`` the rest of its arguments): LayerNorm keeps its
+input too, and recomputing it is the same row-wise kernel on the same input.
 
 Example::
 
@@ -24,7 +27,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +52,15 @@ ACTIVATIONS: Dict[str, Callable[[Tensor, float], Tensor]] = {
 }
 
 
-def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Tensor] = None) -> Tensor:
-    """``act(x)`` (times ``gate`` for the gated MLP), with the native kernels forward used."""
+def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Tensor] = None,
+                         norm: Optional[Tuple[List[int], Optional[Tensor], Optional[Tensor]]] = None) -> Tensor:
+    """``act(x)`` (times ``gate`` for the gated MLP), with the native kernels forward used.
+
+    ``act == "layer_norm"`` takes ``norm = (normalized_shape, weight, bias)`` and ``act_arg`` as eps.
+    """
+    if act == "layer_norm":
+        shape, weight, bias = norm
+        return torch.layer_norm(x, shape, weight, bias, act_arg)
     h = ACTIVATIONS[act](x, act_arg)
     return h if gate is None else h * gate
 
@@ -61,7 +71,8 @@ def _any_requires_grad(*args) -> bool:
 
 # --------------------------------------------------------------------------- linear
 def _linear_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor] = None,
-                   gate: Optional[Tensor] = None, act_arg: float = 0.0) -> Tensor:
+                   gate: Optional[Tensor] = None, act_arg: float = 0.0, norm_shape: Sequence[int] = (),
+                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None) -> Tensor:
     return F.linear(h, weight, bias)
 
 
@@ -80,31 +91,33 @@ def linear_backward(grad: Tensor, h: Tensor, weight: Tensor, needs: Sequence[boo
 
 
 class _RecomputeLinear(torch.autograd.Function):
-    """Keeps x (and gate); recomputes h = act(x) [* gate] in backward."""
+    """Keeps x (and gate, or LayerNorm's weight and bias); recomputes h = act(x) [* gate] in backward."""
 
     @staticmethod
-    def forward(ctx, x, h, act, weight, bias, gate, act_arg):
+    def forward(ctx, x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias):
         out = _forward(torch.ops.graph_rewrite.recompute_linear.default, _linear_kernel,
-                       x, h, act, weight, bias, gate, act_arg)
-        ctx.act, ctx.act_arg = act, act_arg
-        ctx.save_for_backward(x, weight, gate)
+                       x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias)
+        ctx.act, ctx.act_arg, ctx.norm_shape = act, act_arg, list(norm_shape)
+        ctx.save_for_backward(x, weight, gate, norm_weight, norm_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, gate = ctx.saved_tensors
-        h = recompute_activation(x, ctx.act, ctx.act_arg, gate)
+        x, weight, gate, norm_weight, norm_bias = ctx.saved_tensors
+        h = recompute_activation(x, ctx.act, ctx.act_arg, gate, (ctx.norm_shape, norm_weight, norm_bias))
         needs = ctx.needs_input_grad
         gh, gw, gb = linear_backward(grad, h, weight, (needs[1], needs[3], needs[4]))
-        return None, gh, None, gw, gb, None, None
+        return None, gh, None, gw, gb, None, None, None, None, None
 
 
-def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0):
+def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0, norm_shape=(), norm_weight=None,
+                     norm_bias=None):
     return F.linear(h, weight, bias)  # native: keeps autocast's dtypes, and h
 
 
 _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
-        "Tensor? gate=None, float act_arg=0.0) -> Tensor",
+        "Tensor? gate=None, float act_arg=0.0, int[] norm_shape=[], Tensor? norm_weight=None, "
+        "Tensor? norm_bias=None) -> Tensor",
         _linear_kernel, _linear_kernel, _RecomputeLinear, needs_graph=_any_requires_grad, under_autocast=_linear_autocast)
 
 
