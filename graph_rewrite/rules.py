@@ -18,6 +18,9 @@ Kinds of rule (``rule.kind``):
   Hardswish, ..., and LayerNorm) and the layers after it (:class:`Consumer`: Linear, Conv,
   mul) that keep the activation's input instead of its output and recompute the output in
   backward.
+* ``"norm"`` (:class:`Norm`): a BatchNorm whose output only feeds a recomputable activation;
+  the activation (and its consumers) keep BatchNorm's input instead, and recompute
+  BatchNorm's output in backward.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.graph_rewrite.*)
 
 Pattern = Union[type, Callable[..., Any], str]
 
-__all__ = ["Rule", "Recomputable", "Consumer", "RULES", "KINDS", "Pattern", "is_match", "pattern_name", "rules_for"]
+__all__ = ["Rule", "Recomputable", "Consumer", "Norm", "RULES", "KINDS", "Pattern", "is_match", "pattern_name",
+           "rules_for"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,28 @@ class Consumer:
     gated: bool = False
 
 
+@dataclass(frozen=True)
+class Norm:
+    """A normalization before a :class:`Recomputable` activation (kind ``"norm"``).
+
+    BatchNorm keeps its input ``z``; the activation after it keeps BatchNorm's output.
+    With this rule the activation becomes ``op`` (``graph_rewrite.norm_act``), which keeps
+    ``z`` and recomputes the output in backward, and so do the activation's consumers.
+
+    name:       what ``optimize(model, ops=[...])`` calls it.
+    op:         the op put in place of the activation: ``op(h, z, act, *read(...)[1], act_arg)``.
+    patterns:   spellings found.
+    read:       ``read(node, modules)`` gives ``(z, the op's arguments after act)`` (tensors
+                as :class:`Attr`), or raises ``ValueError`` saying why not.
+    """
+
+    name: str
+    kind: ClassVar[str] = "norm"
+    op: Any
+    patterns: Tuple[Pattern, ...]
+    read: Callable[[Node, Mapping[str, nn.Module]], Tuple[Node, Tuple[Any, ...]]]
+
+
 def _module(node: Node, modules: Mapping[str, nn.Module]) -> nn.Module:
     module = modules[node.target]
     if any(getattr(module, d, None) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
@@ -244,6 +270,29 @@ def _read_mul(node: Node, h: Node, modules) -> Tuple[Any, ...]:
     if (a is h) == (b is h) or not isinstance(other, Node):
         raise ValueError("not the activation times another tensor")
     return (other,)
+
+
+def _read_batch_norm(node: Node, modules) -> Tuple[Node, Tuple[Any, ...]]:
+    """(z, (weight, bias, running_mean, running_var, eps)) of a BatchNorm call."""
+    if node.op == "call_module":
+        m = _module(node, modules)
+        if len(node.args) + len(node.kwargs) != 1:
+            raise ValueError("called with more than one argument")
+        z = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        attr = lambda n: None if getattr(m, n) is None else Attr(f"{node.target}.{n}")  # noqa: E731
+        tensors = tuple(attr(n) for n in ("weight", "bias", "running_mean", "running_var"))
+        eps = m.eps
+    else:
+        a = _bind(node, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                  {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5})
+        z, tensors, eps = a["input"], (a["weight"], a["bias"], a["running_mean"], a["running_var"]), a["eps"]
+        if not all(t is None or isinstance(t, Node) for t in tensors):
+            raise ValueError("its weights or statistics are not graph values")
+    if not isinstance(z, Node):
+        raise ValueError("its input is a constant, not a graph value")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"eps is not a number known at trace time ({eps!r})")
+    return z, (*tensors, float(eps))
 
 
 def _gelu(approximate: str = "none") -> Tuple[str, float]:
@@ -340,9 +389,11 @@ RULES: Tuple[Any, ...] = (
     Consumer("conv", torch.ops.graph_rewrite.recompute_conv,
              (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d), _read_conv),
     Consumer("mul", torch.ops.graph_rewrite.recompute_mul, (operator.mul, torch.mul, "mul"), _read_mul),
+    Norm("batch_norm", torch.ops.graph_rewrite.norm_act,
+         (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm), _read_batch_norm),
 )
 
-KINDS = ("output", "recompute")
+KINDS = ("output", "recompute", "norm")
 
 
 def rules_for(ops: Optional[Sequence[str]]) -> Tuple[Any, ...]:
@@ -350,7 +401,8 @@ def rules_for(ops: Optional[Sequence[str]]) -> Tuple[Any, ...]:
 
     Unknown names raise ``ValueError``. Kind ``"recompute"`` needs both halves: naming
     only activations (``["gelu"]``) brings every consumer, and naming only consumers
-    (``["linear"]``) brings every recomputable activation.
+    (``["linear"]``) brings every recomputable activation. Kind ``"norm"`` works on the
+    recomputable activations: naming it alone brings kind ``"recompute"`` along.
 
     >>> [r.name for r in rules_for(["relu6", "gelu"])][:3]
     ['relu6', 'gelu', 'linear']
@@ -368,6 +420,8 @@ def rules_for(ops: Optional[Sequence[str]]) -> Tuple[Any, ...]:
         for r in (r for r in RULES if r.kind == o) if o in KINDS else (known[o],):
             chosen.setdefault(r.name, r)
     picked = tuple(chosen.values())
+    if any(isinstance(r, Norm) for r in picked) and not any(isinstance(r, Recomputable) for r in picked):
+        picked += tuple(r for r in RULES if isinstance(r, Recomputable))
     for half, other in ((Recomputable, Consumer), (Consumer, Recomputable)):
         if any(isinstance(r, half) for r in picked) and not any(isinstance(r, other) for r in picked):
             picked += tuple(r for r in RULES if isinstance(r, other))

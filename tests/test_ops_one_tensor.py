@@ -198,3 +198,73 @@ def test_opcheck(call):
         "leaky_relu": (lean.leaky_relu, (x, 0.1)),
     }[call]
     torch.library.opcheck(*args)
+
+
+# ------------------------------------------------------------------ kind "norm": norm_act
+def _bn_chain(train, dtype=torch.float64, channels_last=False, seed=0):
+    """z -> BatchNorm2d -> (norm_act | SiLU) -> Conv: the lean and the native call, sharing weights."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    z = r(2, 4, 6, 6)
+    if channels_last:
+        z = z.to(memory_format=torch.channels_last)
+    z.requires_grad_()
+    w, b = (r(4) * 0.3 + 1).requires_grad_(), r(4).requires_grad_()
+    mean, var = r(4), r(4).abs() + 0.5
+    cw = r(5, 4, 3, 3).requires_grad_()
+
+    def native(z, w, b, cw, stats=None):
+        rm, rv = stats or (mean.clone(), var.clone())
+        return F.conv2d(F.silu(F.batch_norm(z, rm, rv, w, b, train, 0.1, 1e-3)), cw, None, 1, 1)
+
+    def lean_call(z, w, b, cw, stats=None):
+        rm, rv = stats or (mean.clone(), var.clone())
+        h = F.batch_norm(z, rm, rv, w, b, train, 0.1, 1e-3)
+        a = lean.norm_act(h, z, "silu", w, b, rm, rv, 1e-3)
+        return lean.recompute_conv(h, a, "silu", cw, None, [1, 1], [1, 1], [1, 1], 1)
+
+    return (z, w, b, cw), native, lean_call, (mean, var)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_norm_act_gradcheck(train):
+    inputs, _, lean_call, _ = _bn_chain(train)
+    assert gradcheck(lean_call, inputs)
+    assert gradgradcheck(lean_call, inputs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_norm_act_bitwise_equal_to_native_and_keeps_z_not_h(dtype, train, channels_last):
+    inputs, native, lean_call, (mean, var) = _bn_chain(train, dtype, channels_last)
+    g = torch.randn(2, 5, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(dtype)
+    ref, got = _native_and_lean(native, lean_call, inputs, g)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    # What autograd keeps: z (BatchNorm keeps it), never BatchNorm's output h or silu(h).
+    stats = (mean.clone(), var.clone())
+    h = F.batch_norm(inputs[0], *stats, inputs[1], inputs[2], train, 0.1, 1e-3).detach()
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        lean_call(*inputs, stats=(mean.clone(), var.clone()))
+    kept = [t for t in seen if t.shape == h.shape]
+    assert kept and all(t.data_ptr() == inputs[0].data_ptr() for t in kept)
+
+
+def test_norm_act_after_anything_but_batch_norm_keeps_its_input():
+    # No BatchNorm node behind h: norm_act keeps h and gives native's gradient.
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    h = x * 2
+    g = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.ones(4, dtype=torch.float64)
+    (got,) = torch.autograd.grad(lean.norm_act(h, x, "gelu", w, None, None, None, 1e-5), x, g)
+    (want,) = torch.autograd.grad(F.gelu(x * 2), x, g)
+    assert torch.equal(got, want)
+
+
+def test_norm_act_opcheck():
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    h = F.batch_norm(z, None, None, w, b, True).detach()
+    torch.library.opcheck(lean.norm_act, (h, z, "silu", w, b, None, None, 1e-5))

@@ -14,6 +14,11 @@ In-place spellings (torchvision's ``SiLU(inplace=True)``) clone their input for 
 they are made out of place when their input has no other use, which the graph tells.
 A Linear fed by ``act(g) * u`` where that product is used nowhere else gets ``gate=u``: it
 keeps ``g`` and ``u`` (kept by the activation and the mul anyway), not the product.
+
+Kind ``"norm"``: where the activation's input is a BatchNorm's output used by the activation
+alone, the activation becomes ``graph_rewrite.norm_act``, which keeps BatchNorm's input (kept
+by BatchNorm anyway) and recomputes its output in backward; its consumers then keep nothing
+of it either (``ops/recompute.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
-from ..rules import Attr, Consumer, Recomputable, is_match, pattern_name
+from ..rules import Attr, Consumer, Norm, Recomputable, is_match, pattern_name
 from .fx_pass import _where, has_hooks, inplace_ok, module_call_input
 
 __all__ = ["rewrite_recompute"]
@@ -218,9 +223,10 @@ def rewrite_recompute(
     """
     acts = [r for r in rules if isinstance(r, Recomputable)]
     consumers = [r for r in rules if isinstance(r, Consumer)]
+    norms = [r for r in rules if isinstance(r, Norm)]
     replaced: List[Replaced] = []
     left_alone: List[LeftAlone] = []
-    if not acts or not consumers:
+    if not acts or not (consumers or norms):
         return replaced, left_alone
     for node in list(graph.nodes):
         found = next(((r, p) for r in acts for p in r.patterns if is_match(node, p, modules)), None)
@@ -238,9 +244,14 @@ def rewrite_recompute(
         except (ValueError, _Keeps) as e:
             left_alone.append(LeftAlone(node.name, where, original, f"recompute: {e}"))
             continue
+        norm = _norm_before(node, x, norms, modules, left_alone) if not rule.consumers else None
+        source = x.name  # what the consumers recompute the activation from
+        if norm is not None:
+            replaced.append(_rewrite_norm_act(graph, node, x, act, act_arg, *norm, original, where))
+            source = f"{pattern_name(norm[1])}({norm[2].name})"
         if not plan:
             continue  # no consumer keeps h: nothing to gain
-        if inplace:
+        if inplace and norm is None:
             # Out of place: the in-place form would clone x for its backward.
             node.op, node.target = "call_function", rule.function
             node.args, node.kwargs = (x,), {k: v for k, v in params.items() if v != rule.params.get(k)}
@@ -253,11 +264,40 @@ def rewrite_recompute(
             user.meta["graph_rewrite"] = {"was": pattern_name(cpattern), "where": uwhere, "frees": node.name}
             replaced.append(Replaced(user.name, uwhere, pattern_name(cpattern), f"graph_rewrite.recompute_{consumer.name}",
                                      {"act_arg": act_arg} if act_arg else {}, kind="recompute",
-                                     frees=node.name, detail=f"recomputes {act}({x.name})"))
+                                     frees=node.name, detail=f"recomputes {act}({source})"))
             if consumer.name == "mul":
                 replaced += _gate(graph, user, x, args[0], act, act_arg, consumers, modules)
     graph.lint()
     return replaced, left_alone
+
+
+def _norm_before(act_node: Node, x: Node, norms: Sequence[Norm], modules,
+                 left_alone: List[LeftAlone]) -> Optional[Tuple[Norm, Any, Node, tuple]]:
+    """(rule, pattern, z, op args) when ``x``, the activation's input, is a BatchNorm's output
+    used by this activation alone; None otherwise (a refusal is reported)."""
+    found = next(((r, p) for r in norms for p in r.patterns if is_match(x, p, modules)), None)
+    if found is None:
+        return None
+    rule, pattern = found
+    try:
+        if list(x.users) != [act_node]:
+            raise ValueError("its output has other uses, which keep it")
+        z, args = rule.read(x, modules)
+    except ValueError as e:
+        left_alone.append(LeftAlone(x.name, _where(x), pattern_name(pattern), f"norm: {e}"))
+        return None
+    return rule, pattern, z, args
+
+
+def _rewrite_norm_act(graph: Graph, node: Node, x: Node, act: str, act_arg: float, rule: Norm, pattern: Any,
+                      z: Node, args: tuple, original: str, where: str) -> Replaced:
+    """The activation ``node`` becomes ``norm_act(x, z, act, ...)``: it keeps z, not x."""
+    args = tuple(_materialize(graph, node, a) for a in args)
+    node.op, node.target = "call_function", rule.op
+    node.args, node.kwargs = (x, z, act, *args), ({"act_arg": act_arg} if act_arg else {})
+    node.meta["graph_rewrite"] = {"was": original, "where": where, "frees": x.name}
+    return Replaced(node.name, where, original, "graph_rewrite.norm_act", {"act_arg": act_arg} if act_arg else {},
+                    kind="norm", frees=x.name, detail=f"recomputes {pattern_name(pattern)}({z.name})")
 
 
 def _gate(graph: Graph, product: Node, x: Node, other: Node, act: str, act_arg: float,

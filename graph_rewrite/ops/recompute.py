@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import _define, _forward
+from .activations import _define, _forward, _is_traced
 
-__all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul"]
+__all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul", "norm_act"]
 
 # The activations a consumer can recompute: name -> native call with its one parameter.
 # The same kernels as forward, on the same input, so h comes back bit for bit.
@@ -98,13 +98,14 @@ class _RecomputeLinear(torch.autograd.Function):
         out = _forward(torch.ops.graph_rewrite.recompute_linear.default, _linear_kernel,
                        x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias)
         ctx.act, ctx.act_arg, ctx.norm_shape = act, act_arg, list(norm_shape)
-        ctx.save_for_backward(x, weight, gate, norm_weight, norm_bias)
+        ctx.norm = _norm_node(h) if gate is None else None
+        ctx.save_for_backward(None if ctx.norm else x, weight, gate, norm_weight, norm_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, gate, norm_weight, norm_bias = ctx.saved_tensors
-        h = recompute_activation(x, ctx.act, ctx.act_arg, gate, (ctx.norm_shape, norm_weight, norm_bias))
+        h = recompute_activation(_act_input(ctx, x), ctx.act, ctx.act_arg, gate, (ctx.norm_shape, norm_weight, norm_bias))
         needs = ctx.needs_input_grad
         gh, gw, gb = linear_backward(grad, h, weight, (needs[1], needs[3], needs[4]))
         return None, gh, None, gw, gb, None, None, None, None, None
@@ -153,13 +154,14 @@ class _RecomputeConv(torch.autograd.Function):
                        x, h, act, weight, bias, stride, padding, dilation, groups, act_arg)
         ctx.act, ctx.act_arg = act, act_arg
         ctx.conv = (bias is not None, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight)
+        ctx.norm = _norm_node(h)
+        ctx.save_for_backward(None if ctx.norm else x, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        h = recompute_activation(x, ctx.act, ctx.act_arg)
+        h = recompute_activation(_act_input(ctx, x), ctx.act, ctx.act_arg)
         needs = ctx.needs_input_grad
         gh, gw, gb = conv_backward(grad, h, weight, *ctx.conv, (needs[1], needs[3], needs[4]))
         return None, gh, None, gw, gb, None, None, None, None, None
@@ -179,18 +181,23 @@ def _mul_kernel(x: Tensor, h: Tensor, act: str, other: Tensor, act_arg: float = 
     return torch.mul(h, other)
 
 
-def mul_backward(grad: Tensor, h: Tensor, other: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
-    """Gradients of ``h * other`` for (h, other), reduced to each operand's shape like native's MulBackward0."""
-    gh = _reduce_to(grad * other, h) if needs[0] else None
-    go = _reduce_to(grad * h, other) if needs[1] else None
+def mul_backward(grad: Tensor, h: Optional[Tensor], other: Tensor, needs: Sequence[bool],
+                 h_meta: Optional[Tuple[torch.Size, torch.dtype]] = None) -> List[Optional[Tensor]]:
+    """Gradients of ``h * other`` for (h, other), reduced to each operand's shape like native's MulBackward0.
+
+    ``h`` is needed for other's gradient only; ``h_meta`` (its shape and dtype) serves without it.
+    """
+    h_meta = (h.shape, h.dtype) if h is not None else h_meta
+    gh = _reduce_to(grad * other, *h_meta) if needs[0] else None
+    go = _reduce_to(grad * h, other.shape, other.dtype) if needs[1] else None
     return [gh, go]
 
 
-def _reduce_to(g: Tensor, like: Tensor) -> Tensor:
+def _reduce_to(g: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     # What autograd's engine does to a broadcast operand's gradient: sum, then cast.
-    if g.shape != like.shape:
-        g = g.sum_to_size(like.shape)
-    return g if g.dtype == like.dtype else g.to(like.dtype)
+    if g.shape != shape:
+        g = g.sum_to_size(shape)
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 class _RecomputeMul(torch.autograd.Function):
@@ -199,16 +206,17 @@ class _RecomputeMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, act, other, act_arg):
         out = _forward(torch.ops.graph_rewrite.recompute_mul.default, _mul_kernel, x, h, act, other, act_arg)
-        ctx.act, ctx.act_arg = act, act_arg
-        ctx.save_for_backward(x, other)
+        ctx.act, ctx.act_arg, ctx.h_meta = act, act_arg, (h.shape, h.dtype)
+        ctx.norm = _norm_node(h)
+        ctx.save_for_backward(None if ctx.norm else x, other)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, other = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        h = recompute_activation(x, ctx.act, ctx.act_arg) if needs[3] else x  # h only for other's gradient
-        gh, go = mul_backward(grad, h, other, (needs[1], needs[3]))
+        h = recompute_activation(_act_input(ctx, x), ctx.act, ctx.act_arg) if needs[3] else None  # for other's gradient
+        gh, go = mul_backward(grad, h, other, (needs[1], needs[3]), ctx.h_meta)
         return None, gh, None, go, None
 
 
@@ -220,6 +228,116 @@ _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=
         _mul_kernel, _mul_kernel, _RecomputeMul, needs_graph=_any_requires_grad, under_autocast=_mul_autocast)
 
 
+# --------------------------------------------------------------------------- norm -> activation
+# BatchNorm keeps its input z; the activation after it keeps BatchNorm's output h. norm_act is
+# that activation keeping z instead, and recomputing h = BatchNorm(z) in backward with the
+# same call (so the same kernel, statistics and bits). Consumers of its output (the ops
+# above) see that in the autograd graph and keep nothing of h either: they ask the norm_act
+# node for h, which computes it once for all of them and for its own backward.
+_BATCH_NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
+
+
+def _batch_norm_training(h: Tensor) -> Optional[bool]:
+    """Whether the BatchNorm that made ``h`` used batch statistics, read from its autograd node.
+
+    None if ``h`` did not come from a BatchNorm node that records it: then nothing is recomputed.
+    The module decides this at run time (train/eval, ``track_running_stats``); the node knows.
+    """
+    node = h.grad_fn
+    if type(node).__name__ not in _BATCH_NORM_NODES:
+        return None
+    training = getattr(node, "_saved_training", None)
+    return training if isinstance(training, bool) else None
+
+
+def _norm_act_kernel(h: Tensor, z: Tensor, act: str, weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
+                     act_arg: float = 0.0) -> Tensor:
+    return ACTIVATIONS[act](h, act_arg)
+
+
+def _batch_norm_again(ctx) -> Tensor:
+    """h = BatchNorm(z) again: the forward's own call on the saved z.
+
+    With batch statistics they are recomputed (one more pass over z); throwaway buffers
+    stand in for the running ones, which forward has updated since. Eval mode uses the
+    saved running statistics, as forward did. Same bits as forward as long as the kernel
+    reduces in the same order: on CPU a channels-last input is reduced per thread, so a
+    ``torch.set_num_threads`` between forward and backward can move h by a rounding.
+    """
+    z, weight, bias, running_mean, running_var = ctx.saved_tensors
+    if ctx.training and ctx.buffers is not None:
+        c, dtype = ctx.buffers
+        running_mean = torch.zeros(c, dtype=dtype, device=z.device)
+        running_var = torch.ones(c, dtype=dtype, device=z.device)
+    return torch.batch_norm(z, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps,
+                            torch.backends.cudnn.enabled)
+
+
+def _norm_node(h: Tensor):
+    """The norm_act autograd node that made ``h`` (keeping z, not BatchNorm's output), or None."""
+    node = h.grad_fn
+    return node if getattr(node, "_forward_cls", None) is _NormAct and getattr(node, "lean", False) else None
+
+
+def norm_output(node) -> Tensor:
+    """BatchNorm's output recomputed by a norm_act ``node``: once per backward, shared by its consumers."""
+    if torch.is_grad_enabled():  # create_graph: differentiable through z, weight and bias, not cached
+        return _batch_norm_again(node)
+    if node.cache is None:
+        node.cache = _batch_norm_again(node)
+    return node.cache
+
+
+def _act_input(ctx, x: Optional[Tensor]) -> Tensor:
+    """The activation's input for a consumer's recompute: its saved ``x``, or h from the norm_act node."""
+    return x if ctx.norm is None else norm_output(ctx.norm)
+
+
+class _NormAct(torch.autograd.Function):
+    """``act(h)`` for ``h = BatchNorm(z)``: keeps z (BatchNorm keeps it too), recomputes h in backward."""
+
+    @staticmethod
+    def forward(ctx, h, z, act, weight, bias, running_mean, running_var, eps, act_arg):
+        out = _forward(torch.ops.graph_rewrite.norm_act.default, _norm_act_kernel,
+                       h, z, act, weight, bias, running_mean, running_var, eps, act_arg)
+        ctx.act, ctx.act_arg, ctx.eps, ctx.cache = act, act_arg, eps, None
+        training = None if _is_traced(h) else _batch_norm_training(h)
+        ctx.lean = training is not None
+        if not ctx.lean:  # not known to come from BatchNorm (or traced): keep h, as native does
+            ctx.save_for_backward(h)
+            return out
+        ctx.training = training
+        ctx.buffers = None if running_mean is None else (running_mean.shape[0], running_mean.dtype)
+        # Running statistics only in eval mode: in training forward updates them in place.
+        stats = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(z, weight, bias, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.lean:
+            h = norm_output(ctx)
+            ctx.cache = None
+        else:
+            (h,) = ctx.saved_tensors
+        create = torch.is_grad_enabled()
+        with torch.enable_grad():  # the activation's own backward formula, at h
+            h_in = h if create and h.requires_grad else h.detach().requires_grad_()
+            (gh,) = torch.autograd.grad(ACTIVATIONS[ctx.act](h_in, ctx.act_arg), h_in, grad, create_graph=create)
+        return gh, None, None, None, None, None, None, None, None
+
+
+def _norm_act_autocast(h, z, act, weight, bias, running_mean, running_var, eps, act_arg=0.0):
+    return ACTIVATIONS[act](h, act_arg)  # native: keeps autocast's dtypes, and h
+
+
+_define("norm_act(Tensor h, Tensor z, str act, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, float eps, float act_arg=0.0) -> Tensor",
+        _norm_act_kernel, _norm_act_kernel, _NormAct, under_autocast=_norm_act_autocast)
+
+
 recompute_linear = torch.ops.graph_rewrite.recompute_linear
 recompute_conv = torch.ops.graph_rewrite.recompute_conv
 recompute_mul = torch.ops.graph_rewrite.recompute_mul
+norm_act = torch.ops.graph_rewrite.norm_act
