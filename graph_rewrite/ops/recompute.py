@@ -27,6 +27,7 @@ Example::
 """
 from __future__ import annotations
 
+import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +50,23 @@ ACTIVATIONS: Dict[str, Callable[[Tensor, float], Tensor]] = {
     "elu": lambda x, a: torch._C._nn.elu(x, a),
     "celu": lambda x, a: torch.celu(x, a),
     "selu": lambda x, a: torch.selu(x),
+}
+
+
+# Their backward kernels, called as native autograd calls them (derivatives.yaml): with h,
+# the activation's input, they give native's gradient bit for bit. CELU and SELU are ELU's.
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+ACTIVATION_BACKWARDS: Dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "gelu": lambda g, x, a: torch.ops.aten.gelu_backward(g, x),
+    "gelu_tanh": lambda g, x, a: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "silu": lambda g, x, a: torch.ops.aten.silu_backward(g, x),
+    "hardswish": lambda g, x, a: torch.ops.aten.hardswish_backward(g, x),
+    "mish": lambda g, x, a: torch.ops.aten.mish_backward(g, x),
+    "elu": lambda g, x, a: torch.ops.aten.elu_backward(g, a, 1, 1, False, x),
+    # (derivatives.yaml: 1.0 / alpha.toFloat(), alpha rounded to float32 first)
+    "celu": lambda g, x, a: torch.ops.aten.elu_backward(g, a, 1, 1.0 / struct.unpack("f", struct.pack("f", a))[0],
+                                                         False, x),
+    "selu": lambda g, x, a: torch.ops.aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1, False, x),
 }
 
 
@@ -321,10 +339,11 @@ class _NormAct(torch.autograd.Function):
             ctx.cache = None
         else:
             (h,) = ctx.saved_tensors
-        create = torch.is_grad_enabled()
-        with torch.enable_grad():  # the activation's own backward formula, at h
-            h_in = h if create and h.requires_grad else h.detach().requires_grad_()
-            (gh,) = torch.autograd.grad(ACTIVATIONS[ctx.act](h_in, ctx.act_arg), h_in, grad, create_graph=create)
+        if not torch.is_grad_enabled():  # the usual backward: the activation's kernel, at h
+            return ACTIVATION_BACKWARDS[ctx.act](grad, h, ctx.act_arg), None, None, None, None, None, None, None, None
+        with torch.enable_grad():  # create_graph: through autograd, so that it can be differentiated again
+            h_in = h if h.requires_grad else h.detach().requires_grad_()
+            (gh,) = torch.autograd.grad(ACTIVATIONS[ctx.act](h_in, ctx.act_arg), h_in, grad, create_graph=True)
         return gh, None, None, None, None, None, None, None, None
 
 
