@@ -393,9 +393,11 @@ def write_markdown(path: str, results: List[Dict[str, Any]], names: Sequence[str
         "*Rewritten* counts FX nodes per lean op (call sites the runtime front end rewrites in code "
         "FX cannot trace are recorded as they run and are not counted here): kind `output` "
         "(softplus, logsigmoid, hardtanh/ReLU6, leaky_relu keep their output; a sigmoid rewrite "
-        "saves nothing, native sigmoid keeps its output too) and kind `recompute` (`recompute_*`: "
-        "the Conv, Linear or mul after a GELU, SiLU or Hardswish keeps the activation's input and "
-        "recomputes it in backward). ReLU already keeps only its output: ResNets save nothing. "
+        "saves nothing, native sigmoid keeps its output too), kind `recompute` (`recompute_*`: "
+        "the Conv, Linear or mul after a GELU, SiLU, Hardswish or LayerNorm keeps that one's input and "
+        "recomputes it in backward) and kind `norm` (`norm_act`: the activation after a BatchNorm "
+        "keeps BatchNorm's input and recomputes its output in backward). ReLU already keeps only its "
+        "output: ResNets save nothing. "
         "*Seconds* is the whole row (build, input probe, optimize, verify).",
         "",
         "Inputs and modes (see `demos/zoo.py`): classification batch 2 (1 for vit_h_14, vit_l_16, "
