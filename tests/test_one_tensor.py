@@ -176,6 +176,23 @@ def test_batch_norm_output_with_other_uses_is_left_alone_and_said_so():
     assert any(a.reason.startswith("norm: its output has other uses") for a in lean.rewrite_report.left_alone)
 
 
+def test_norm_kind_applies_where_a_use_keeps_the_activations_output():
+    # BatchNorm -> SiLU -> MaxPool2d: the pool keeps silu's output (no consumer rule), yet
+    # SiLU itself need not keep BatchNorm's output.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(), nn.MaxPool2d(2)).train()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    lean = optimize(model)
+    report = lean.rewrite_report
+    assert report.counts_by_kind() == {"norm": 1}
+    assert any(a.reason.startswith("recompute:") for a in report.left_alone)
+    assert _held(model, x) - _held(lean, x) == 2 * 8 * 8 * 8 * 4  # BatchNorm's output
+    g = torch.randn(2, 8, 4, 4)
+    want = torch.autograd.grad(model(x), [x, *model.parameters()], g)
+    got = torch.autograd.grad(lean(x), [x, *lean.parameters()], g)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_ops_select_the_norm_kind():
     model = BnSiluConv().train()
     assert optimize(model, ops=["norm"]).rewrite_report.counts_by_kind() == {"norm": 1, "recompute": 1}

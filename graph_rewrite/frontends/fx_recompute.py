@@ -240,10 +240,14 @@ def rewrite_recompute(
             extra = more[0] if more else {}
             if inplace and not inplace_ok(node, modules):
                 raise ValueError("in place, and its input has other uses (or may be a view)")
-            plan = _plan(node, [c for c in consumers if not rule.consumers or c.name in rule.consumers], modules)
-        except (ValueError, _Keeps) as e:
+        except ValueError as e:
             left_alone.append(LeftAlone(node.name, where, original, f"recompute: {e}"))
             continue
+        try:
+            plan = _plan(node, [c for c in consumers if not rule.consumers or c.name in rule.consumers], modules)
+        except _Keeps as e:  # a use keeps the activation's output; the norm rule may still apply
+            left_alone.append(LeftAlone(node.name, where, original, f"recompute: {e}"))
+            plan = []
         norm = _norm_before(node, x, norms, modules, left_alone) if not rule.consumers else None
         source = x.name  # what the consumers recompute the activation from
         if norm is not None:
