@@ -1,5 +1,6 @@
 """optimize(): every spelling found, the original untouched, structure and modes kept."""
 import copy
+import operator
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graph_rewrite
-from graph_rewrite import optimize
+from graph_rewrite import optimize, verify
 from graph_rewrite.memory import saved_bytes
 
 lean = torch.ops.graph_rewrite
@@ -444,3 +445,63 @@ def test_in_place_buffer_updates_stay_in_the_graph_and_off_the_original():
     x = torch.zeros(2)
     torch.testing.assert_close(gm(x), torch.sigmoid(x + 1))
     assert model.count.item() == 1  # the optimized model updates the shared buffer, once per call
+
+
+class _MixedDtypeResidual(nn.Module):
+    """A float16 residual stream plus a float32 branch, added in place (as under autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        out = self.lin(x).half()
+        alias = out
+        out += F.softplus(x)  # eager: in place, stays float16, and `alias` sees it
+        return out.float() + alias.float()
+
+
+def test_augmented_assignment_is_traced_in_place_like_eager():
+    # FX's Proxy has no __iadd__, so `out += y` used to trace as `out = out + y`: float32
+    # here, and `alias` not updated. The GPU run of 2026-11-26 found it under CUDA autocast.
+    torch.manual_seed(0)
+    model, x = _MixedDtypeResidual(), torch.randn(4, 8)
+    lean = optimize(model)
+    assert lean.rewrite_report.tracing == "whole model"
+    assert any(n.target is operator.iadd for n in lean.graph.nodes)
+    assert torch.equal(lean(x), model(x))
+
+
+class _ContextInForward(nn.Module):
+    def __init__(self, context):
+        super().__init__()
+        self.lin, self.scale, self.context = nn.Linear(8, 8), nn.Linear(8, 8), context
+
+    def forward(self, x):
+        if self.context == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.lin(x)
+            return F.softplus(h.float())
+        with torch.no_grad():
+            s = self.scale(x)
+        return F.softplus(self.lin(x)) * s
+
+
+@pytest.mark.parametrize("context", ["autocast", "no_grad"])
+def test_forward_that_changes_grad_mode_or_autocast_is_not_traced(context):
+    # An FX graph records the calls inside `with torch.autocast(...)` / `torch.no_grad()`
+    # but not the context: they would run in float32, or with gradients. Such a forward
+    # runs under the runtime front end, which keeps its code.
+    torch.manual_seed(0)
+    model, x = _ContextInForward(context), torch.randn(4, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match="grad mode or autocast changed inside forward"):
+        lean = optimize(model)
+    assert lean.rewrite_report.tracing.startswith("root not traced")
+    report = verify(model, lean, x)
+    assert report.ok, str(report)
+    out = lean(x)
+    assert out.dtype == model(x).dtype
+    out.sum().backward()
+    if context == "no_grad":
+        assert lean.scale.weight.grad is None  # traced, the branch would have had gradients
+    assert lean.rewrite_report.replaced  # the runtime front end still rewrote the softplus

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import operator
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -105,11 +106,49 @@ class _GuardedForward:
         return self.gm(*args)
 
 
+class _InPlaceProxy(fx.Proxy):
+    """A Proxy on which ``a += b`` records ``operator.iadd``, as eager runs it: in place.
+
+    ``fx.Proxy`` has no ``__iadd__``, so Python falls back to ``a = a + b``: a new tensor
+    of the promoted dtype. Under autocast that differs from eager (a float16 ``out +=
+    float32_identity`` stays float16 in eager, becomes float32 traced), and so does
+    anything else that reads ``a`` afterwards. FX prints the node back as ``a += b``.
+    """
+
+    def _inplace(self, op, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._inplace(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._inplace(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._inplace(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._inplace(operator.itruediv, other)
+
+
+class ContextNotRecorded(RuntimeError):
+    """Forward changed grad mode or autocast while tracing: FX records calls, not context managers."""
+
+
+def _context() -> Tuple[object, ...]:
+    # What a `with torch.no_grad()` or `with torch.autocast(...)` in forward changes.
+    return (torch.is_grad_enabled(),
+            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")))
+
+
 class _LeafTracer(fx.Tracer):
     """``symbolic_trace``'s tracer that also keeps hooked modules and ``leaves`` as calls.
 
     Hooked modules stay ``call_module`` so their hooks keep running. When tracing
-    fails, ``failed_in`` names the innermost module whose code raised.
+    fails, ``failed_in`` names the innermost module whose code raised. Augmented
+    assignment is recorded in place (:class:`_InPlaceProxy`). A call recorded under
+    another grad mode or autocast state than the trace began with raises
+    :class:`ContextNotRecorded`: the graph would run it without that context.
     """
 
     # Buffers as graph values: an in-place update (self.count.add_(1)) is then recorded
@@ -121,6 +160,18 @@ class _LeafTracer(fx.Tracer):
         self.leaves = set() if leaves is None else leaves
         self.failed_in: Optional[str] = None
 
+    def trace(self, root, concrete_args=None):
+        self._context = _context()
+        return super().trace(root, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        if _context() != self._context:
+            raise ContextNotRecorded("grad mode or autocast changed inside forward (FX records no context managers)")
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or has_hooks(m) or super().is_leaf_module(m, module_qualified_name)
 
@@ -128,8 +179,10 @@ class _LeafTracer(fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.path_of_module(m)
+            path = self.path_of_module(m)
+            # A leaf's own call failing (recorded inside its caller's autocast region) is its caller's failure.
+            if self.failed_in is None and not self.is_leaf_module(m, path):
+                self.failed_in = path
             raise
 
 

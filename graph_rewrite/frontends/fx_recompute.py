@@ -87,6 +87,9 @@ def _keeps_nothing(user: Node, value: Node, modules: Mapping[str, nn.Module]) ->
     """Whether ``user`` keeps nothing of ``value`` for backward."""
     if user.op == "call_function" and user.target in _FREE_FUNCTIONS:
         return True
+    if user.op == "call_function" and user.target in (operator.iadd, operator.isub):
+        # y += value keeps nothing; value += y changes value itself, which native would notice.
+        return user.args[0] is not value
     if user.op == "call_method" and user.target in _FREE_METHODS:
         return True
     if user.op == "call_function" and user.target in (operator.mul, torch.mul) or (
