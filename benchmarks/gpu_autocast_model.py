@@ -4,7 +4,8 @@
 
 Forward hooks record every module output of both models; the first that differ are printed,
 then verify. On an H100 (2026-11-26 14:15 UTC, torch 2.11.0+cu130): from layer1.2 on, about one
-float16 ulp, FX and runtime front ends alike; native against itself is exact (benchmarks/GPU.md).
+float16 ulp; native against itself is exact. Cause: FX traced `out += identity` out of place (fixed at
+49b3284; benchmarks/GPU.md). Rerun on a GPU to see it gone.
 """
 import os, sys, warnings
 sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))

@@ -3,7 +3,7 @@
     python benchmarks/gpu_autocast_op.py        # from the repository root, on a GPU (DEV=cpu: on CPU)
 
 On an H100 (2026-11-26 14:17 UTC, torch 2.11.0+cu130) every comparison was equal bit for bit
-(output float32, like native). Part 2 is gpu_autocast_model.py; the open question is in GPU.md.
+(output float32, like native). Part 2 is gpu_autocast_model.py; GPU.md says what was found.
 """
 import os, sys, warnings, copy
 sys.path.insert(0, os.getcwd())
