@@ -41,7 +41,7 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.graph_rewrite.*)
 Pattern = Union[type, Callable[..., Any], str]
 
 __all__ = ["Rule", "Recomputable", "Consumer", "Norm", "RULES", "KINDS", "Pattern", "is_match", "pattern_name",
-           "rules_for"]
+           "rules_for", "has_hooks", "module_call_input"]
 
 
 @dataclass(frozen=True)
@@ -185,12 +185,23 @@ class Norm:
     read: Callable[[Node, Mapping[str, nn.Module]], Tuple[Node, Tuple[Any, ...]]]
 
 
-def _module(node: Node, modules: Mapping[str, nn.Module]) -> nn.Module:
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks that a plain function call would skip."""
+    return any(getattr(module, d, None) for d in _HOOK_DICTS)
+
+
+def module_call_input(node: Node, modules: Mapping[str, nn.Module]) -> Tuple[nn.Module, Any]:
+    """(the module, its one argument) of a ``call_module`` node that a function call may replace;
+    ``ValueError`` says why not (hooks would be skipped, more than one argument)."""
     module = modules[node.target]
-    if any(getattr(module, d, None) for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                               "_backward_pre_hooks")):
+    if has_hooks(module):
         raise ValueError("the module has hooks, which a function call would skip")
-    return module
+    if len(node.args) + len(node.kwargs) != 1:
+        raise ValueError("called with more than one argument")
+    return module, node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
 def _bind(node: Node, names: Sequence[str], defaults: Mapping[str, Any]) -> Dict[str, Any]:
@@ -212,9 +223,7 @@ def _first_input(node: Node, h: Node) -> None:
 def _read_linear(node: Node, h: Node, modules) -> Tuple[Any, ...]:
     _first_input(node, h)
     if node.op == "call_module":
-        m = _module(node, modules)
-        if len(node.args) + len(node.kwargs) != 1:
-            raise ValueError("called with more than one argument")
+        m, _ = module_call_input(node, modules)
         return Attr(f"{node.target}.weight"), None if m.bias is None else Attr(f"{node.target}.bias")
     a = _bind(node, ("input", "weight", "bias"), {"bias": None})
     if not isinstance(a["weight"], Node) or not (a["bias"] is None or isinstance(a["bias"], Node)):
@@ -235,9 +244,7 @@ _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, F.conv1d: 1, F.conv2d: 2
 def _read_conv(node: Node, h: Node, modules) -> Tuple[Any, ...]:
     _first_input(node, h)
     if node.op == "call_module":
-        m = _module(node, modules)
-        if len(node.args) + len(node.kwargs) != 1:
-            raise ValueError("called with more than one argument")
+        m, _ = module_call_input(node, modules)
         if m.padding_mode != "zeros":
             raise ValueError(f"padding_mode={m.padding_mode!r} (it pads before the convolution)")
         n = _CONV_DIMS[type(m)]
@@ -275,10 +282,7 @@ def _read_mul(node: Node, h: Node, modules) -> Tuple[Any, ...]:
 def _read_batch_norm(node: Node, modules) -> Tuple[Node, Tuple[Any, ...]]:
     """(z, (weight, bias, running_mean, running_var, eps)) of a BatchNorm call."""
     if node.op == "call_module":
-        m = _module(node, modules)
-        if len(node.args) + len(node.kwargs) != 1:
-            raise ValueError("called with more than one argument")
-        z = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        m, z = module_call_input(node, modules)
         attr = lambda n: None if getattr(m, n) is None else Attr(f"{node.target}.{n}")  # noqa: E731
         tensors = tuple(attr(n) for n in ("weight", "bias", "running_mean", "running_var"))
         eps = m.eps

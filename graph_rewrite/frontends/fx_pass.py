@@ -10,16 +10,9 @@ import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
-from ..rules import RULES, Pattern, Rule, is_match, pattern_name
+from ..rules import RULES, Pattern, Rule, has_hooks, is_match, module_call_input, pattern_name
 
 __all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok"]
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks that a plain function call would skip."""
-    return any(getattr(module, d, None) for d in _HOOK_DICTS)
 
 
 def lean_op_name(rule: Rule) -> str:
@@ -77,17 +70,6 @@ def _find(node: Node, rules: Sequence[Rule], modules: Mapping[str, nn.Module]):
                 if is_match(node, pattern, modules):
                     return rule, pattern, inplace
     return None
-
-
-def module_call_input(node: Node, modules: Mapping[str, nn.Module]) -> Tuple[nn.Module, object]:
-    """(the module, its one argument) of a ``call_module`` node that a function call may replace;
-    ``ValueError`` says why not (hooks would be skipped, more than one argument)."""
-    module = modules[node.target]
-    if has_hooks(module):
-        raise ValueError("the module has hooks, which a function call would skip")
-    if len(node.args) + len(node.kwargs) != 1:
-        raise ValueError("called with more than one argument")
-    return module, node.args[0] if node.args else next(iter(node.kwargs.values()))
 
 
 def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tuple[Node, Dict[str, float]]:
