@@ -195,6 +195,9 @@ SIZES = {
     "resnet50_softplus": {"quick": ((2, 64), (2, 64)), "cpu": ((8, 224), (8, 224)), "gpu": ((32, 224), (64, 224))},
     "efficientnet_b0": {"quick": ((2, 64), (2, 64)), "cpu": ((8, 224), (8, 224)), "gpu": ((32, 224), (128, 224))},
     "mamba_tiny": {"quick": ((2, 32), None), "cpu": ((8, 128), None), "gpu": ((8, 256), None)},
+    # HF LlamaForCausalLM: (batch, sequence, hidden, intermediate, layers).
+    "hf_llama": {"quick": ((1, 32, 64, 172, 2), None), "cpu": ((1, 256, 256, 688, 2), None),
+                 "gpu": ((1, 1024, 1024, 2816, 4), (4, 1024, 1024, 2816, 4))},
     "llama_mlp": {"quick": ((64, 256, 688), (64, 256, 688)), "cpu": ((512, 1024, 2816), (512, 1024, 2816)),
                   "gpu": ((4096, 1024, 2816), (16384, 2048, 5632))},
 }
@@ -224,6 +227,17 @@ def build(key: str, size: Any, device: str) -> Tuple[nn.Module, Tuple[torch.Tens
         model = LogitsOnly(MambaForCausalLM(config))
         inputs = (torch.randint(0, 1000, (batch, seq)),)
         desc = f"HF MambaForCausalLM, random weights (hidden 64, state 8, 2 layers, vocab 1000), {batch} x {seq} tokens"
+    elif key == "hf_llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        batch, seq, hidden, inter, layers = size
+        config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
+                             max_position_embeddings=max(2048, seq), use_cache=False, attn_implementation="sdpa")
+        model = LogitsOnly(LlamaForCausalLM(config))
+        inputs = (torch.randint(0, 32000, (batch, seq)),)
+        desc = (f"HF LlamaForCausalLM, random weights (hidden {hidden}, intermediate {inter}, {layers} layers, "
+                f"vocab 32000, SDPA), {batch} x {seq} tokens")
     elif key == "llama_mlp":
         tokens, hidden, inter = size
         model = LlamaMLP(hidden, inter)
@@ -351,11 +365,13 @@ def section_kernel(rep: Report, device: str, quick: bool) -> None:
             ("composite logsigmoid backward", lambda: _composite(lambda: activations.logsigmoid_grad(g, ly))),
             ("fused logsigmoid backward", (lambda: triton_kernels.logsigmoid_backward(g, ly)) if fused else None),
         ]
-        if fused and dtype == torch.float32:
-            # Launch configurations besides the default (BLOCK 1024, 4 warps), to pick from later.
-            for block, warps in ((2048, 8), (4096, 8), (512, 4)):
+        if fused:
+            # Launch configurations besides the default (triton_kernels.BLOCK, NUM_WARPS), to pick from.
+            for block, warps in ((1024, 4), (4096, 8), (4096, 16)):
                 cases.append((f"fused softplus backward, BLOCK {block}, {warps} warps",
                               lambda b=block, w=warps: triton_kernels.softplus_backward(g, y, 1.0, block=b, num_warps=w)))
+                cases.append((f"fused logsigmoid backward, BLOCK {block}, {warps} warps",
+                              lambda b=block, w=warps: triton_kernels.logsigmoid_backward(g, ly, block=b, num_warps=w)))
         if fused:
             xr = x.clone().requires_grad_()
             yr = torch.ops.graph_rewrite.softplus(xr, 1.0, 20.0)
@@ -416,7 +432,7 @@ def _model_available(key: str) -> Optional[str]:
     try:
         if key in ("resnet50_softplus", "efficientnet_b0"):
             import torchvision  # noqa: F401
-        if key == "mamba_tiny":
+        if key in ("mamba_tiny", "hf_llama"):
             import transformers  # noqa: F401
     except ImportError as e:
         return f"{e.name} is not installed"
@@ -533,6 +549,10 @@ def section_time(rep: Report, device: str, mode: str, deadline: float, keys: Seq
         try:
             model, inputs, desc = build(key, size, device)
             lean = optimize_quiet(model)
+            if key in AUTOCAST_STEP and device == "cuda":  # trained that way: time it that way
+                dtype = AUTOCAST_STEP[key]
+                model, lean = Autocast(model, device, dtype), Autocast(lean, device, dtype)
+                desc += f", {str(dtype).replace('torch.', '')} autocast"
             t = step_times(model, lean, inputs, device, iters)
             nat, lea = statistics.median(t["native"]), statistics.median(t["lean"])
             ratios = sorted(b / a for a, b in zip(t["native"], t["lean"]))
@@ -557,7 +577,8 @@ def section_time(rep: Report, device: str, mode: str, deadline: float, keys: Seq
 
 
 # ============================================================================ main
-MODELS = ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny"]
+MODELS = ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny", "hf_llama"]
+AUTOCAST_STEP = {"hf_llama": torch.bfloat16}  # step time under CUDA autocast for these
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -581,7 +602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # --quick leaves out the torchvision models: building, tracing and verifying resnet50
     # alone takes 25 s on a loaded 2-core machine, and CI needs every code path, not sizes.
     chosen = args.models.split(",") if args.models else (
-        ["mlp", "llama_mlp", "mamba_tiny"] if args.quick else MODELS)
+        ["mlp", "llama_mlp", "mamba_tiny", "hf_llama"] if args.quick else MODELS)
     unknown = set(chosen) - set(MODELS)
     if unknown:
         ap.error(f"unknown models {sorted(unknown)}; known: {MODELS}")
@@ -592,10 +613,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     section_verify(rep, device, mode, deadline, pick(MODELS))
     autocast_keys = ["mlp", "llama_mlp"] if device == "cuda" else ["mlp"]
     if device == "cuda":
-        autocast_keys += ["resnet50_softplus", "efficientnet_b0"]
+        autocast_keys += ["resnet50_softplus", "efficientnet_b0", "hf_llama"]
     section_autocast(rep, device, mode, deadline, pick(autocast_keys))
     # The goal's models first on a GPU; on CPU the cheap ones first (resnet50 steps take seconds).
-    time_keys = (["resnet50_softplus", "efficientnet_b0", "mlp", "llama_mlp", "mamba_tiny"] if device == "cuda"
+    time_keys = (["hf_llama", "efficientnet_b0", "resnet50_softplus", "llama_mlp", "mlp", "mamba_tiny"] if device == "cuda"
                  else ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny"])
     section_time(rep, device, mode, deadline, pick(time_keys), iters=3 if args.quick else (20 if device == "cuda" else 5))
     rep.done = True
