@@ -63,8 +63,14 @@ def _forward(op: torch._ops.OpOverload, kernel, x: Tensor, *args) -> Tensor:
 
 
 def _is_traced(x: Tensor) -> bool:
-    """Whether ``x`` may be a tracer (FakeTensor, FunctionalTensor, a dispatch mode): no data to look at."""
-    return type(x) is not Tensor or bool(torch._C._len_torch_dispatch_stack())
+    """Whether ``x`` has no data to look at: a tracer (FakeTensor, FunctionalTensor, a dispatch mode) or meta."""
+    return type(x) is not Tensor or bool(torch._C._len_torch_dispatch_stack()) or x.is_meta
+
+
+def _autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device; False for devices autocast does not know (meta)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 def _transforms_active() -> bool:
@@ -108,7 +114,7 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
                     f"graph_rewrite::{name} does not support torch.func transforms or forward AD")
             return transform_function.apply(x, *args)
         if torch.is_grad_enabled() and (x.requires_grad if needs_graph is None else needs_graph(x, *args)):
-            if under_autocast is not None and torch.is_autocast_enabled(x.device.type):
+            if under_autocast is not None and _autocast_on(x):
                 return under_autocast(x, *args)
             return function.apply(x, *args)
         return _forward(op, kernel, x, *args)

@@ -27,7 +27,9 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import struct
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -91,7 +93,11 @@ def _any_requires_grad(*args) -> bool:
 def _linear_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor] = None,
                    gate: Optional[Tensor] = None, act_arg: float = 0.0, norm_shape: Sequence[int] = (),
                    norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None) -> Tensor:
-    return F.linear(h, weight, bias)
+    out = F.linear(h, weight, bias)
+    # On a 3-D input F.linear views its 2-D result back to 3-D. A view made inside an
+    # autograd.Function may not be changed in place (``h += x`` after a transformer's MLP);
+    # _unsafe_view is how native's own linear returns the same data as no view.
+    return out if out._base is None else torch.ops.aten._unsafe_view(out, out.shape)
 
 
 def linear_backward(grad: Tensor, h: Tensor, weight: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
@@ -100,8 +106,9 @@ def linear_backward(grad: Tensor, h: Tensor, weight: Tensor, needs: Sequence[boo
     Native linear runs ``addmm`` on ``h`` flattened to 2-D; its backward is
     ``grad @ weight`` for h, ``grad.t() @ h`` for the weight and the sum over rows for the bias.
     """
-    g2 = grad.reshape(-1, grad.shape[-1])
-    h2 = h.reshape(-1, h.shape[-1])
+    rows = math.prod(h.shape[:-1])  # not -1: a zero-width layer has 0 elements in any row count
+    g2 = grad.reshape(rows, grad.shape[-1])
+    h2 = h.reshape(rows, h.shape[-1])
     gh = g2.mm(weight).view(h.shape) if needs[0] else None
     gw = g2.t().mm(h2) if needs[1] else None
     gb = g2.sum_to_size(grad.shape[-1:]) if needs[2] else None
@@ -116,14 +123,14 @@ class _RecomputeLinear(torch.autograd.Function):
         out = _forward(torch.ops.graph_rewrite.recompute_linear.default, _linear_kernel,
                        x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias)
         ctx.act, ctx.act_arg, ctx.norm_shape = act, act_arg, list(norm_shape)
-        ctx.norm = _norm_node(h) if gate is None else None
-        ctx.save_for_backward(None if ctx.norm else x, weight, gate, norm_weight, norm_bias)
+        _save(ctx, _norm_node(h) if gate is None else None, x, weight, gate, norm_weight, norm_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, gate, norm_weight, norm_bias = ctx.saved_tensors
-        h = recompute_activation(_act_input(ctx, x), ctx.act, ctx.act_arg, gate, (ctx.norm_shape, norm_weight, norm_bias))
+        (x, weight, gate, norm_weight, norm_bias), norm = _unpack(ctx)
+        h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
+                                 (ctx.norm_shape, norm_weight, norm_bias))
         needs = ctx.needs_input_grad
         gh, gw, gb = linear_backward(grad, h, weight, (needs[1], needs[3], needs[4]))
         return None, gh, None, gw, gb, None, None, None, None, None
@@ -172,14 +179,13 @@ class _RecomputeConv(torch.autograd.Function):
                        x, h, act, weight, bias, stride, padding, dilation, groups, act_arg)
         ctx.act, ctx.act_arg = act, act_arg
         ctx.conv = (bias is not None, stride, padding, dilation, groups)
-        ctx.norm = _norm_node(h)
-        ctx.save_for_backward(None if ctx.norm else x, weight)
+        _save(ctx, _norm_node(h), x, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        h = recompute_activation(_act_input(ctx, x), ctx.act, ctx.act_arg)
+        (x, weight), norm = _unpack(ctx)
+        h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg)
         needs = ctx.needs_input_grad
         gh, gw, gb = conv_backward(grad, h, weight, *ctx.conv, (needs[1], needs[3], needs[4]))
         return None, gh, None, gw, gb, None, None, None, None, None
@@ -225,15 +231,14 @@ class _RecomputeMul(torch.autograd.Function):
     def forward(ctx, x, h, act, other, act_arg):
         out = _forward(torch.ops.graph_rewrite.recompute_mul.default, _mul_kernel, x, h, act, other, act_arg)
         ctx.act, ctx.act_arg, ctx.h_meta = act, act_arg, (h.shape, h.dtype)
-        ctx.norm = _norm_node(h)
-        ctx.save_for_backward(None if ctx.norm else x, other)
+        _save(ctx, _norm_node(h), x, other)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, other = ctx.saved_tensors
+        (x, other), norm = _unpack(ctx)
         needs = ctx.needs_input_grad
-        h = recompute_activation(_act_input(ctx, x), ctx.act, ctx.act_arg) if needs[3] else None  # for other's gradient
+        h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg) if needs[3] else None  # for other's gradient
         gh, go = mul_backward(grad, h, other, (needs[1], needs[3]), ctx.h_meta)
         return None, gh, None, go, None
 
@@ -274,7 +279,7 @@ def _norm_act_kernel(h: Tensor, z: Tensor, act: str, weight: Optional[Tensor], b
     return ACTIVATIONS[act](h, act_arg)
 
 
-def _batch_norm_again(ctx) -> Tensor:
+def _batch_norm_again(ctx, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
     """h = BatchNorm(z) again: the forward's own call on the saved z.
 
     With batch statistics they are recomputed (one more pass over z); throwaway buffers
@@ -283,7 +288,7 @@ def _batch_norm_again(ctx) -> Tensor:
     reduces in the same order: on CPU a channels-last input is reduced per thread, so a
     ``torch.set_num_threads`` between forward and backward can move h by a rounding.
     """
-    z, weight, bias, running_mean, running_var = ctx.saved_tensors
+    z, weight, bias, running_mean, running_var = ctx.saved_tensors if saved is None else saved
     if ctx.training and ctx.buffers is not None:
         c, dtype = ctx.buffers
         running_mean = torch.zeros(c, dtype=dtype, device=z.device)
@@ -298,18 +303,46 @@ def _norm_node(h: Tensor):
     return node if getattr(node, "_forward_cls", None) is _NormAct and getattr(node, "lean", False) else None
 
 
-def norm_output(node) -> Tensor:
-    """BatchNorm's output recomputed by a norm_act ``node``: once per backward, shared by its consumers."""
+def norm_output(node, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
+    """BatchNorm's output recomputed by a norm_act ``node``: once per backward, shared by its consumers.
+
+    ``saved``: the node's tensors as a consumer saved them, for when the node has run its own
+    backward (and freed them) first: ``aux.backward()`` through the activation, then the consumer.
+    """
     if torch.is_grad_enabled():  # create_graph: differentiable through z, weight and bias, not cached
-        return _batch_norm_again(node)
+        return _batch_norm_again(node, saved)
     if node.cache is None:
-        node.cache = _batch_norm_again(node)
+        node.cache = _batch_norm_again(node, saved)
     return node.cache
 
 
-def _act_input(ctx, x: Optional[Tensor]) -> Tensor:
+def _save(ctx, norm, x: Tensor, *rest: Optional[Tensor]) -> None:
+    """A consumer's ``save_for_backward``: ``(x, *rest)``, or, after a lean norm_act (``norm``),
+    ``(None, *rest)`` and that node's own tensors: the same storages, so no new bytes."""
+    ctx.norm = norm
+    tensors = () if norm is None else _tensors_for_consumers(norm)
+    ctx.norm_saved = len(tensors)
+    ctx.save_for_backward(None if norm is not None else x, *rest, *tensors)
+
+
+def _unpack(ctx) -> Tuple[tuple, Optional[tuple]]:
+    """(what :func:`_save` saved after x and x itself, the norm_act node's tensors or None)."""
+    saved = ctx.saved_tensors
+    k = len(saved) - ctx.norm_saved
+    return saved[:k], (saved[k:] if ctx.norm_saved else None)
+
+
+def _tensors_for_consumers(node) -> tuple:
+    # Weak references: the node holds its tensors through save_for_backward (hooks see them);
+    # these only hand the same tensors to consumers made while they are alive.
+    tensors = tuple(None if r is None else r() for r in node.for_consumers)
+    dead = any(r is not None and t is None for r, t in zip(node.for_consumers, tensors))
+    return () if dead else tensors
+
+
+def _act_input(ctx, x: Optional[Tensor], norm: Optional[tuple] = None) -> Tensor:
     """The activation's input for a consumer's recompute: its saved ``x``, or h from the norm_act node."""
-    return x if ctx.norm is None else norm_output(ctx.norm)
+    return x if ctx.norm is None else norm_output(ctx.norm, norm)
 
 
 class _NormAct(torch.autograd.Function):
@@ -330,6 +363,7 @@ class _NormAct(torch.autograd.Function):
         # Running statistics only in eval mode: in training forward updates them in place.
         stats = (None, None) if training else (running_mean, running_var)
         ctx.save_for_backward(z, weight, bias, *stats)
+        ctx.for_consumers = tuple(None if t is None else weakref.ref(t) for t in (z, weight, bias, *stats))
         return out
 
     @staticmethod
