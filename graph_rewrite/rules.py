@@ -125,6 +125,8 @@ class Recomputable:
                 ``(key, act_arg, {consumer op keyword: value})`` when the recompute needs
                 more (LayerNorm's weight); ``ValueError`` for values the ops cannot recompute.
     consumers:  the :class:`Consumer` names that can recompute it (empty: all of them).
+    outplace:   whether an in-place spelling may be made out of place: False where native's
+                in-place form has another backward (ELU's from its output), not bit for bit.
     """
 
     name: str
@@ -134,6 +136,7 @@ class Recomputable:
     patterns: Tuple[Pattern, ...] = ()
     encode: Callable[..., Tuple[Any, ...]] = lambda **kw: ("", 0.0)
     consumers: Tuple[str, ...] = ()
+    outplace: bool = True
 
 
 @dataclass(frozen=True)
@@ -383,9 +386,10 @@ RULES: Tuple[Any, ...] = (
     Recomputable("silu", F.silu, {}, (nn.SiLU, F.silu), _plain("silu")),
     Recomputable("hardswish", F.hardswish, {}, (nn.Hardswish, F.hardswish), _plain("hardswish")),
     Recomputable("mish", F.mish, {}, (nn.Mish, F.mish), _plain("mish")),
-    Recomputable("elu", F.elu, {"alpha": 1.0}, (nn.ELU, F.elu), _alpha("elu")),
-    Recomputable("celu", F.celu, {"alpha": 1.0}, (nn.CELU, F.celu), _alpha("celu")),
-    Recomputable("selu", F.selu, {}, (nn.SELU, F.selu), _plain("selu")),
+    # In place, native's ELU family takes its gradient from the output: those calls stay native.
+    Recomputable("elu", F.elu, {"alpha": 1.0}, (nn.ELU, F.elu), _alpha("elu"), outplace=False),
+    Recomputable("celu", F.celu, {"alpha": 1.0}, (nn.CELU, F.celu), _alpha("celu"), outplace=False),
+    Recomputable("selu", F.selu, {}, (nn.SELU, F.selu), _plain("selu"), outplace=False),
     # LayerNorm keeps its input; the Linear after it (ViT's MLP, ConvNeXt's pwconv1) can too.
     Recomputable("layer_norm", F.layer_norm, {"normalized_shape": None, "weight": None, "bias": None, "eps": 1e-5},
                  (nn.LayerNorm, F.layer_norm), _layer_norm, consumers=("linear",)),

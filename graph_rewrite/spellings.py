@@ -37,6 +37,7 @@ from torch import fx
 from torch.fx import Node
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.graph_rewrite.*)
+from .frontends.fx_pass import mutating_use
 
 __all__ = ["Spelling", "SPELLINGS", "RULE_NAME", "rewrite_spellings"]
 
@@ -230,11 +231,13 @@ def _enabled(rule_names: Sequence[str]) -> List[_Compiled]:
     return [c for c in _compile() if c.spelling.rule is None or c.spelling.rule in rule_names]
 
 
-def rewrite_spellings(graph: fx.Graph, rule_names: Sequence[str], where=lambda node: "<root>") -> List[Tuple[str, str, Spelling]]:
+def rewrite_spellings(graph: fx.Graph, rule_names: Sequence[str], where=lambda node: "<root>",
+                      modules: Optional[Mapping[str, Any]] = None) -> List[Tuple[str, str, Spelling]]:
     """Rewrite, in place, every enabled spelling found in ``graph``; returns (node, where, spelling).
 
     A spelling is rewritten only where its intermediate values have no users outside
-    it. The new node carries ``meta["graph_rewrite"]`` (``was``, ``where``,
+    it, and where nothing changes its result in place later (the lean op keeps it;
+    ``modules`` tells which called modules run in place). The new node carries ``meta["graph_rewrite"]`` (``was``, ``where``,
     ``spelling``). The caller recompiles the owning ``GraphModule``.
 
     >>> g = fx.symbolic_trace(log1p_exp).graph
@@ -252,6 +255,8 @@ def rewrite_spellings(graph: fx.Graph, rule_names: Sequence[str], where=lambda n
             binding: Dict[Node, Node] = {}
             matched: List[Node] = []
             if not _match(c.output, node, binding, matched) or not _no_other_users(node, matched):
+                continue
+            if mutating_use(node, modules or {}) is not None:
                 continue
             placeholders = [n for n in c.pattern.nodes if n.op == "placeholder"]
             val_map = {r: binding[p] for r, p in zip((n for n in c.replacement.nodes if n.op == "placeholder"), placeholders)}

@@ -376,7 +376,7 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     for mode, graph in graphs.items():
         if id(graph) not in code_of:
             # Spellings first: -F.softplus(-x) must be seen before F.softplus is rewritten alone.
-            for node, where, spelling in rewrite_spellings(graph, names, _where):
+            for node, where, spelling in rewrite_spellings(graph, names, _where, modules):
                 if (node, where, "spelling") not in seen:
                     seen.add((node, where, "spelling"))
                     report.spellings.append(Respelled(node, where, spelling.name, spelling.lean_op, spelling.changes))

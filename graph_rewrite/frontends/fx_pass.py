@@ -12,7 +12,7 @@ from torch.fx import Graph, Node
 from ..report import LeftAlone, Replaced
 from ..rules import RULES, Pattern, Rule, has_hooks, is_match, module_call_input, pattern_name
 
-__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok"]
+__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok", "mutates", "mutating_use", "describe"]
 
 
 def lean_op_name(rule: Rule) -> str:
@@ -28,6 +28,80 @@ def _where(node: Node) -> str:
         path = list(stack.values())[-1]
         return path[0] if isinstance(path, tuple) else str(path)
     return "<root>"
+
+
+# Views (and copies of them, conservatively): a change made through one is a change of its base.
+VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
+                  torch.squeeze, operator.getitem, torch.chunk, torch.split, torch.narrow, torch.select,
+                  torch.unbind, torch.movedim, torch.swapaxes, torch.diagonal, torch.t, torch.as_strided,
+                  torch.unflatten, getattr}
+VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "permute", "transpose", "unsqueeze", "squeeze",
+                "contiguous", "expand", "expand_as", "chunk", "split", "narrow", "select", "unbind", "movedim",
+                "swapaxes", "diagonal", "t", "as_strided", "unflatten", "unfold", "detach"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+def _is_alias_module(node: Node, modules: Mapping[str, nn.Module]) -> bool:
+    m = modules.get(node.target) if node.op == "call_module" else None
+    return type(m) is nn.Identity or type(m) is nn.Flatten or (type(m) is nn.Dropout and m.p == 0)
+
+
+def _name_of(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def mutates(user: Node, value: Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``user`` changes ``value`` in place: ``value += y``, ``value.add_(y)``, ``out=value``,
+    ``value[i] = y``, an ``inplace=True`` call or module on it.
+
+    >>> mutates(iadd_node, relu6_node, modules)   # doctest: +SKIP
+    True
+    """
+    out = user.kwargs.get("out")
+    if out is value or (isinstance(out, (tuple, list)) and value in out):
+        return True
+    first = user.args[0] if user.args else None
+    if first is not value:
+        return False
+    if user.op == "call_function" and user.target in _INPLACE_OPERATORS:
+        return True
+    if user.op in ("call_function", "call_method"):
+        name = _name_of(user.target)
+        return (name.endswith("_") and not name.startswith("_")) or user.kwargs.get("inplace") is True
+    if user.op == "call_module":
+        return getattr(modules.get(user.target), "inplace", False) is True
+    return False
+
+
+def mutating_use(value: Node, modules: Mapping[str, nn.Module], ignore: Optional[Node] = None) -> Optional[Node]:
+    """The first use that changes ``value`` in place, directly or through a view or alias of it, else None.
+
+    A rewrite that keeps ``value`` (a lean op's output) or recomputes from it (a recompute
+    op's input) would see the changed value in backward, where native kept another tensor.
+    ``ignore``: a use not to count (an in-place activation judged on its own).
+
+    >>> mutating_use(relu6_node, modules)          # doctest: +SKIP
+    iadd
+    """
+    for user in value.users:
+        if user is ignore:
+            continue
+        if mutates(user, value, modules):
+            return user
+        is_view = (user.op == "call_function" and user.target in VIEW_FUNCTIONS) or (
+            user.op == "call_method" and user.target in VIEW_METHODS) or _is_alias_module(user, modules)
+        if is_view:
+            found = mutating_use(user, modules, ignore)
+            if found is not None:
+                return found
+    return None
+
+
+def describe(node: Node) -> str:
+    """``name (target)`` of a node, for reports."""
+    return f"{node.name} ({_name_of(node.target) or node.target})"
 
 
 # Producers whose result is a fresh tensor, never a view of something else: an in-place
@@ -119,6 +193,10 @@ def rewrite_graph(
             continue
         try:
             x, params = _read_args(node, rule, modules)
+            changed = mutating_use(node, modules)
+            if changed is not None:
+                raise ValueError(f"its output is changed in place by {describe(changed)}, and the lean op "
+                                 "keeps its output for backward")
         except ValueError as e:
             left_alone.append(LeftAlone(node.name, _where(node), original, str(e)))
             continue

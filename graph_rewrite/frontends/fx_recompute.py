@@ -33,7 +33,7 @@ from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
 from ..rules import Attr, Consumer, Norm, Recomputable, is_match, pattern_name
-from .fx_pass import _where, has_hooks, inplace_ok, module_call_input
+from .fx_pass import VIEW_FUNCTIONS, VIEW_METHODS, _where, describe, has_hooks, inplace_ok, module_call_input, mutates, mutating_use
 
 __all__ = ["rewrite_recompute"]
 
@@ -44,13 +44,6 @@ _FREE_FUNCTIONS = {
     torch.cat, torch.stack, torch.sum, torch.mean,
 }
 _FREE_METHODS = {"add", "sub", "neg", "sum", "mean", "size", "dim"}
-# Views (and copies of them): their own uses decide.
-_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
-                   torch.squeeze, operator.getitem, torch.chunk, torch.split}
-_VIEW_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "contiguous",
-                 "expand", "chunk", "split"}
-
-
 class _Keeps(Exception):
     """A use of the activation's output that keeps it (or may): nothing to gain."""
 
@@ -84,7 +77,9 @@ def _pools_to_one(node: Node, modules: Mapping[str, nn.Module]) -> bool:
 
 
 def _keeps_nothing(user: Node, value: Node, modules: Mapping[str, nn.Module]) -> bool:
-    """Whether ``user`` keeps nothing of ``value`` for backward."""
+    """Whether ``user`` keeps nothing of ``value`` for backward (and leaves it as it is)."""
+    if mutates(user, value, modules):
+        return False  # torch.add(h, 1, out=h): the consumers after it read the new value
     if user.op == "call_function" and user.target in _FREE_FUNCTIONS:
         return True
     if user.op == "call_function" and user.target in (operator.iadd, operator.isub):
@@ -105,9 +100,9 @@ def _keeps_nothing(user: Node, value: Node, modules: Mapping[str, nn.Module]) ->
 
 def _is_view(user: Node, modules: Mapping[str, nn.Module]) -> bool:
     if user.op == "call_function":
-        return user.target in _VIEW_FUNCTIONS
+        return user.target in VIEW_FUNCTIONS
     if user.op == "call_method":
-        return user.target in _VIEW_METHODS
+        return user.target in VIEW_METHODS
     return user.op == "call_module" and type(modules.get(user.target)) is nn.Flatten
 
 
@@ -241,8 +236,12 @@ def rewrite_recompute(
             x, params, inplace = _read_activation(node, rule, modules)
             act, act_arg, *more = rule.encode(**params)
             extra = more[0] if more else {}
+            if inplace and not rule.outplace:
+                raise ValueError("in place: native's in-place form computes its gradient from its output, "
+                                 "which the rewrite would not reproduce bit for bit")
             if inplace and not inplace_ok(node, modules):
                 raise ValueError("in place, and its input has other uses (or may be a view)")
+            _not_changed_later(x, node, modules, "its input")
         except ValueError as e:
             left_alone.append(LeftAlone(node.name, where, original, f"recompute: {e}"))
             continue
@@ -278,6 +277,13 @@ def rewrite_recompute(
     return replaced, left_alone
 
 
+def _not_changed_later(value: Node, act: Node, modules, what: str) -> None:
+    """``ValueError`` when a use changes ``value`` in place: the recompute in backward would read the new value."""
+    changed = mutating_use(value, modules, ignore=act)
+    if changed is not None:
+        raise ValueError(f"{what} is changed in place by {describe(changed)}, and the rewrite recomputes from it")
+
+
 def _norm_before(act_node: Node, x: Node, norms: Sequence[Norm], modules,
                  left_alone: List[LeftAlone]) -> Optional[Tuple[Norm, Any, Node, tuple]]:
     """(rule, pattern, z, op args) when ``x``, the activation's input, is a BatchNorm's output
@@ -290,6 +296,7 @@ def _norm_before(act_node: Node, x: Node, norms: Sequence[Norm], modules,
         if list(x.users) != [act_node]:
             raise ValueError("its output has other uses, which keep it")
         z, args = rule.read(x, modules)
+        _not_changed_later(z, x, modules, "its input")
     except ValueError as e:
         left_alone.append(LeftAlone(x.name, _where(x), pattern_name(pattern), f"norm: {e}"))
         return None
@@ -311,6 +318,8 @@ def _gate(graph: Graph, product: Node, x: Node, other: Node, act: str, act_arg: 
           consumers: Sequence[Consumer], modules) -> List[Replaced]:
     """Gated consumers of ``product = act(x) * other``: they keep ``x`` and ``other`` instead of it."""
     gated = [c for c in consumers if c.gated]
+    if mutating_use(other, modules) is not None:
+        return []  # the gated op would recompute from a changed gate
     try:
         plan = _plan(product, gated, modules)
     except _Keeps:

@@ -92,6 +92,64 @@ def _call_site() -> Tuple[str, Any]:
     return site, inner
 
 
+def _output_nodes() -> Tuple[type, ...]:
+    """The autograd node types of the lean ops that keep their output."""
+    from ..ops import activations, output_derived
+
+    functions = (activations._Softplus, activations._Sigmoid, activations._LogSigmoid,
+                 output_derived._Hardtanh, output_derived._LeakyReLU)
+    return tuple(f._backward_cls for f in functions)
+
+
+_OUTPUT_NODES = _output_nodes()
+_MUTATORS: Dict[Any, bool] = {}  # function -> whether it changes its first argument in place
+
+
+def _is_mutator(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or (
+        name.startswith("__i") and name.endswith("__"))
+
+
+def _keep_before_change(t: Any) -> None:
+    """Before ``t`` is changed in place: if it is (a view of) a lean op's output, make that op's
+    node keep a copy of what it saved, as it is now.
+
+    The lean op kept its output, which native never did: native kept the input, which the
+    change leaves alone. A copy of the output (the input's size: native's bytes, no more)
+    gives backward the values native would use. A saved tensor with hooks skips the
+    version check; one that already has hooks (a ``saved_tensors_hooks`` context) is left,
+    and backward then raises as native's would for a changed saved tensor.
+    """
+    if not isinstance(t, Tensor):
+        return
+    for cand in (t, t._base):
+        node = getattr(cand, "grad_fn", None)
+        if isinstance(node, _OUTPUT_NODES) and not getattr(node, "_graph_rewrite_copied", False):
+            node._graph_rewrite_copied = True
+            for saved in node._raw_saved_tensors:
+                try:
+                    saved.register_hooks(torch.Tensor.clone, _same)
+                except RuntimeError:  # None, or hooks of a saved_tensors_hooks context already
+                    pass
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _before_change(func: Any, args: tuple, kwargs: Optional[dict]) -> None:
+    """Protect the lean outputs that ``func(*args, **kwargs)`` is about to change in place."""
+    mutator = _MUTATORS.get(func)
+    if mutator is None:
+        mutator = _MUTATORS[func] = _is_mutator(func)
+    if args and (mutator or (kwargs and kwargs.get("inplace") is True)):
+        _keep_before_change(args[0])
+    out = kwargs.get("out") if kwargs else None
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        _keep_before_change(t)
+
+
 class LeanFunctionMode(TorchFunctionMode):
     """Sends activation calls to the lean ops while active; everything else passes through untouched.
 
@@ -126,6 +184,8 @@ class LeanFunctionMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         entry = self.table.get(func)
         if entry is None:  # nearly every call: as little Python as possible
+            if kwargs or _MUTATORS.get(func) is not False:
+                _before_change(func, args, kwargs)
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         rule, spelling, inplace = entry
