@@ -450,3 +450,22 @@ def test_compile_backend_applies_the_recompute_kind():
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert _held(fast, x) < _held(model, x)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.ReLU6(inplace=True), nn.Hardtanh(-1.0, 2.0), nn.LeakyReLU(0.1),
+                                 nn.LeakyReLU(0.1, inplace=True), nn.Softplus(beta=2.0), nn.LogSigmoid(), nn.Sigmoid()],
+                         ids=repr)
+def test_compile_backend_reads_the_argument_forms_dynamo_records(act):
+    # Dynamo records nn.ReLU6 as F.hardtanh(x, 0.0, 6.0, False): inplace by position.
+    from graph_rewrite.report import RewriteReport
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), act, nn.Linear(8, 4))
+    x = torch.randn(16, 8)
+    report = RewriteReport()
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="graph_rewrite", options={"report": report})
+    eager = graph_rewrite.optimize(model)
+    held = _held(fast, x)  # compiles: the report is filled now
+    assert sum(report.counts().values()) == sum(eager.rewrite_report.counts().values()) == 1
+    assert held == _held(eager, x)

@@ -1,6 +1,7 @@
 """The FX pass: replace activation calls in a graph by the lean ops of the rules table."""
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -146,6 +147,24 @@ def _find(node: Node, rules: Sequence[Rule], modules: Mapping[str, nn.Module]):
     return None
 
 
+def _pop_inplace(node: Node) -> Tuple[tuple, Dict[str, object]]:
+    """(args, kwargs) of a call, a positional ``inplace`` moved to the keywords.
+
+    Dynamo records ``nn.ReLU6`` as ``F.hardtanh(x, 0.0, 6.0, False)``: the flag's position
+    comes from the function's own signature.
+    """
+    args, kwargs = node.args, dict(node.kwargs)
+    try:
+        names = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return args, kwargs
+    if "inplace" in names and len(args) > names.index("inplace"):
+        i = names.index("inplace")
+        kwargs["inplace"] = args[i]
+        args = args[:i] + args[i + 1:]
+    return args, kwargs
+
+
 def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tuple[Node, Dict[str, float]]:
     """(input node, op parameters) of a matched call; ``ValueError`` says why it cannot be rewritten."""
     if node.op == "call_module":
@@ -154,11 +173,11 @@ def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tupl
             raise ValueError("in place, and its input has other uses (or may be a view)")
         x, params = rule.bind((x, *(getattr(module, k) for k in rule.params)), {})
     else:
-        kwargs = dict(node.kwargs)
+        args, kwargs = _pop_inplace(node)
         inplace = kwargs.pop("inplace", False)  # F.relu6(x, inplace=...) and co.
         if inplace is not False and not (inplace is True and inplace_ok(node, modules)):
             raise ValueError("in place, and its input has other uses (or may be a view)")
-        x, params = rule.bind(node.args, kwargs)
+        x, params = rule.bind(args, kwargs)
     if not isinstance(x, Node):
         raise ValueError("its input is a constant, not a graph value")
     return x, params
