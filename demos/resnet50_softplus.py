@@ -14,8 +14,8 @@ optimized model computes the same outputs, BatchNorm updates and gradients.
 The default image size is 112, not 224, so that the default run finishes in a few minutes
 on 2 CPU cores; activation memory scales with the pixel count, so at 224 every figure is
 about 4x (the ratio is the same). Softplus keeps its input natively; the lean op keeps its
-output, which the next convolution keeps anyway, so each of the 49 softplus calls stops
-holding one tensor.
+output, which the next convolution keeps anyway, so each of 48 softplus calls stops
+holding one tensor. The 49th feeds the average pool, which keeps nothing: it stays native.
 """
 from __future__ import annotations
 

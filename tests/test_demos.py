@@ -68,7 +68,7 @@ def test_efficientnet_pretrained_from_the_hub_cache_and_untrained(tmp_path):
 def test_resnet50_softplus_table_and_png(tmp_path):
     png = tmp_path / "m.png"
     out = run_demo("resnet50_softplus.py", "--batches", "2,4", "--size", "32", "--png", str(png), torch_home=tmp_path)
-    assert "49 node(s) rewritten {'graph_rewrite.softplus': 49}" in out
+    assert "48 node(s) rewritten {'graph_rewrite.softplus': 48}" in out  # the 49th feeds the pool
     assert line_with(out, "verify at batch 2: PASSED")
     rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["2"], ["4"])]
     assert len(rows) == 2

@@ -389,7 +389,7 @@ class Body(nn.Module):
         self.lin = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.lin(x), beta=2.0) * 3
+        return F.softplus(self.lin(x), beta=2.0) * x  # the product keeps the output: keeping it saves the input
 
     def helper(self):
         return "still here"

@@ -183,6 +183,21 @@ def _read_args(node: Node, rule: Rule, modules: Mapping[str, nn.Module]) -> Tupl
     return x, params
 
 
+def _saves_something(node: Node, x: Node, modules: Mapping[str, nn.Module]) -> None:
+    """``ValueError`` unless keeping the output instead of the input can save bytes.
+
+    Native keeps ``x``; the lean op keeps the output. That frees ``x`` only if no other
+    use keeps it, and costs nothing only if a use keeps the output anyway (or may).
+    """
+    from .fx_recompute import _keeps_nothing  # the same judgement of a use as kind "recompute"
+
+    if all(_keeps_nothing(user, node, modules) for user in node.users):
+        raise ValueError("no use keeps its output, so keeping it instead of its input saves nothing")
+    other = next((u for u in x.users if u is not node and not _keeps_nothing(u, x, modules)), None)
+    if other is not None:
+        raise ValueError(f"its input is kept by {describe(other)} too, so the lean op would keep both")
+
+
 def rewrite_graph(
     graph: Graph,
     modules: Mapping[str, nn.Module],
@@ -216,6 +231,8 @@ def rewrite_graph(
             if changed is not None:
                 raise ValueError(f"its output is changed in place by {describe(changed)}, and the lean op "
                                  "keeps its output for backward")
+            if rule.name not in _NATIVE_KEEPS_OUTPUT:  # (sigmoid's native op keeps its output too)
+                _saves_something(node, x, modules)
         except ValueError as e:
             left_alone.append(LeftAlone(node.name, _where(node), original, str(e)))
             continue
