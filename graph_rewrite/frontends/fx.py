@@ -66,15 +66,48 @@ class RewrittenModule(fx.GraphModule):
     def __reduce__(self):
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_mode_graphs")}
         graphs = self.__dict__.get("_mode_graphs")
-        codes = {m: g.python_code("self").src for m, g in graphs.items()} if graphs else None
-        return (_unpickle, (body, self.code, codes, type(self).__name__))
+        codes = {m: _source(g) for m, g in graphs.items()} if graphs else None
+        return (_unpickle, (body, _source(self.graph), codes, type(self).__name__))
+
+
+def _source(graph: fx.Graph) -> str:
+    """The graph's forward as a module's source: the imports of what it calls, then the code.
+
+    The imports are those ``GraphModule.__reduce__`` writes: functions FX keeps as calls
+    (``torch.fx.wrap``, e.g. torchvision's ``stochastic_depth``) are globals of the code.
+    """
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    code = graph.python_code("self")
+    return _format_import_block(code.globals, sys_importer) + "\n" + code.src
 
 
 def _graph_from_code(body: dict, code: str) -> fx.Graph:
-    # What GraphModule's own unpickling does: run the saved code once and trace it.
-    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+    """What GraphModule's own unpickling does: run the saved code once and trace it.
 
-    return _deserialize_graph_module(_forward_from_src("import torch\n" + code, {}), body).graph
+    The code registers its wrapped functions in FX's global table (``torch.fx.wrap``
+    keeps the namespace that calls it); those entries are removed again, whether or
+    not the code ran, as one whose name is missing breaks every later trace.
+    """
+    from torch.fx.graph_module import _deserialize_graph_module, _exec_with_source
+
+    namespace: dict = {}
+    try:
+        # "import torch" first: code saved before the imports were written relies on it.
+        _exec_with_source("import torch\n" + code, namespace)
+        return _deserialize_graph_module(namespace["forward"], body).graph
+    finally:
+        _forget_wrapped(namespace)
+
+
+def _forget_wrapped(namespace: dict) -> None:
+    """Remove the entries of FX's wrapped-function table that point at ``namespace``."""
+    from torch.fx import _symbolic_trace
+
+    table = _symbolic_trace._wrapped_fns_to_patch
+    for key in [k for k, v in table.items() if v is namespace]:
+        del table[key]
 
 
 def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str) -> "RewrittenModule":
