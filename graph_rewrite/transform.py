@@ -49,6 +49,14 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         traced, a copy of the model (same class) whose ``forward`` runs under the
         runtime front end.
 
+        The :class:`RewrittenModule` is also an instance of the model's class: its other
+        methods (``forward_features``, ``reset_classifier``, ...) and attributes are there and
+        run the class's eager code on the copy's submodules. Its ``forward`` is the graph, in
+        which FX fixed what the model's code read while tracing: only ``train()``/``eval()``
+        switch graphs, so an attribute such as timm's ``grad_checkpointing`` set on the copy
+        changes those methods but not ``lean(x)``. Pickled, it names the class by module and
+        name; where that cannot be imported, it loads (with a warning) without the methods.
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.Softplus(), nn.Linear(8, 1))
@@ -86,7 +94,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         _warn_uncovered(report)
         root.rewrite_report = report
         return root
-    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report)
+    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True)
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)")
     _warn_uncovered(report)

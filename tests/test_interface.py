@@ -1,5 +1,6 @@
 """The optimized copy keeps the model's interface: it saves and loads, has the same
 signature, class, methods and attributes, and says so when a hook could never run."""
+import copy
 import io
 import pickle
 import subprocess
@@ -64,7 +65,8 @@ def test_torch_save_round_trip_of_efficientnet():
 
 def test_torch_save_loads_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
-    model = Dropped().eval()
+    # Classes a fresh process can import: torch's and torchvision's.
+    model = nn.Sequential(nn.Linear(8, 8), nn.Softplus(), torchvision.ops.StochasticDepth(0.5, "row")).eval()
     lean = graph_rewrite.optimize(model)
     assert "stochastic_depth" in lean.code
     x = torch.randn(4, 8)
@@ -74,6 +76,7 @@ def test_torch_save_loads_in_a_fresh_process(tmp_path):
         import torch, graph_rewrite
         m = torch.load({str(tmp_path / 'lean.pt')!r}, weights_only=False)
         assert "graph_rewrite.softplus" in m.code, m.code
+        assert isinstance(m, torch.nn.Sequential) and isinstance(m, graph_rewrite.RewrittenModule)
         torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})
     """
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
@@ -94,3 +97,79 @@ def test_a_failed_load_leaves_later_optimize_calls_alone():
         lean = graph_rewrite.optimize(_softplus_mlp())
     assert isinstance(lean, graph_rewrite.RewrittenModule)
     assert lean.rewrite_report.counts() == {"graph_rewrite.softplus": 1}
+
+
+# ----------------------------------------------------------------- class, methods and attributes
+def test_fx_copy_of_a_timm_model_keeps_its_class_methods_and_attributes():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=10).eval()
+    lean = graph_rewrite.optimize(model)
+    assert isinstance(lean, graph_rewrite.RewrittenModule)  # the root traced: the FX front end
+    assert isinstance(lean, timm.models.efficientnet.EfficientNet)
+    assert type(lean).__name__ == "EfficientNet"
+    assert lean.num_classes == 10 and lean.num_features == model.num_features
+    assert lean.pretrained_cfg == model.pretrained_cfg
+    x = torch.randn(2, 3, 64, 64)
+    features = lean.forward_features(x)  # the class's eager code, on the copy's shared submodules
+    torch.testing.assert_close(features, model.forward_features(x), rtol=0, atol=0)
+    torch.testing.assert_close(lean.forward_head(features), model.forward_head(features), rtol=0, atol=0)
+    torch.testing.assert_close(lean(x), model(x), rtol=0, atol=0)
+    assert lean.get_classifier() is lean.classifier and lean.classifier is not model.classifier
+    lean.set_grad_checkpointing(True)
+    assert lean.grad_checkpointing and not model.grad_checkpointing
+    lean.reset_classifier(5)
+    assert lean(x).shape == (2, 5) and model(x).shape == (2, 10)
+
+
+def test_fx_copy_of_a_torchvision_model_keeps_its_class_through_copies():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    lean = graph_rewrite.optimize(model)
+    x = torch.randn(2, 3, 64, 64)
+    buf = io.BytesIO()
+    torch.save(lean, buf)
+    buf.seek(0)
+    for twin in (lean, copy.deepcopy(lean), pickle.loads(pickle.dumps(lean)), torch.load(buf, weights_only=False)):
+        assert isinstance(twin, torchvision.models.MobileNetV3) and isinstance(twin, graph_rewrite.RewrittenModule)
+        assert type(twin).__name__ == "MobileNetV3"
+        assert "graph_rewrite" in twin.code  # forward is still the rewritten graph
+        torch.testing.assert_close(twin._forward_impl(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(twin(x), model(x), rtol=1e-6, atol=1e-6)
+        assert twin.train() is twin and twin.training and twin.features[0][1].training
+        twin.eval()
+
+
+def test_fx_copy_of_a_sequential_is_a_sequential():
+    model = _softplus_mlp()
+    lean = graph_rewrite.optimize(model)
+    assert isinstance(lean, nn.Sequential) and len(lean) == 3
+    assert type(lean[1]) is nn.Softplus and lean[1] is not model[1]
+    assert "graph_rewrite.softplus" in lean.code
+
+
+def test_the_user_class_is_left_as_it_was():
+    model = torchvision.models.resnet18(num_classes=10)
+    methods = dict(vars(torchvision.models.ResNet))
+    graph_rewrite.optimize(model)
+    assert dict(vars(torchvision.models.ResNet)) == methods
+    assert type(model) is torchvision.models.ResNet
+
+
+def test_a_copy_whose_class_cannot_be_imported_still_loads():
+    class Local(nn.Module):  # no importable name: pickle cannot rebuild the class
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.Softplus()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    model = Local()
+    lean = graph_rewrite.optimize(model)
+    assert isinstance(lean, Local)
+    with pytest.warns(UserWarning, match="cannot be imported"):
+        back = pickle.loads(pickle.dumps(lean))
+    assert type(back).__name__ == "Local" and not isinstance(back, Local)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)

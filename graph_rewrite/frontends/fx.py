@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import importlib
 import inspect
 import operator
+import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -36,7 +39,16 @@ _CONTAINERS = (
 )
 
 
-class RewrittenModule(fx.GraphModule):
+class _InitAsModule(nn.Module):
+    """Between GraphModule and a model's own class in the MRO of :func:`_rewritten_class`:
+    GraphModule's ``super().__init__()`` then sets up a plain Module, instead of running the
+    model's ``__init__`` (which needs its arguments and would build a second model)."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+
+class RewrittenModule(fx.GraphModule, _InitAsModule):
     """What :func:`optimize` returns: a GraphModule with the original's module tree.
 
     Submodule names, parameters and buffers are the original's (shared, not
@@ -44,7 +56,14 @@ class RewrittenModule(fx.GraphModule):
     reads ``self.training`` (stochastic depth, ``F.dropout(training=...)``), FX
     bakes the flag into the graph, so one graph per mode is kept and
     ``train()``/``eval()`` switch between them.
+
+    The copy of a model is also an instance of the model's class (see
+    :func:`_rewritten_class`): its other methods and attributes are there, and
+    ``isinstance(copy, type(model))`` holds.
     """
+
+    # The model's class, for the per-class subclasses of _rewritten_class.
+    _original_class: Optional[type] = None
 
     def train(self, mode: bool = True) -> "RewrittenModule":
         graphs = self.__dict__.get("_mode_graphs")
@@ -55,7 +74,7 @@ class RewrittenModule(fx.GraphModule):
     # GraphModule's own copy and pickle rebuild from the graph, keeping only the
     # submodules it uses; these keep the whole tree, the mode graphs and the report.
     def __deepcopy__(self, memo):
-        res = RewrittenModule.__new__(RewrittenModule)  # a fresh per-instance class for forward
+        res = RewrittenModule.__new__(type(self))  # a fresh per-instance class for forward
         memo[id(self)] = res
         state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
         res.__dict__.update(copy.deepcopy(state, memo))
@@ -67,7 +86,39 @@ class RewrittenModule(fx.GraphModule):
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_mode_graphs")}
         graphs = self.__dict__.get("_mode_graphs")
         codes = {m: _source(g) for m, g in graphs.items()} if graphs else None
-        return (_unpickle, (body, _source(self.graph), codes, type(self).__name__))
+        # The per-class subclass is made at run time: it is rebuilt from the model's class,
+        # named by module and qualified name (a copy still loads where that class cannot be imported).
+        original = self._original_class
+        where = None if original is None else (original.__module__, original.__qualname__)
+        return (_unpickle, (body, _source(self.graph), codes, type(self).__name__, where))
+
+
+@functools.lru_cache(maxsize=None)
+def _rewritten_class(original: type) -> type:
+    """``RewrittenModule`` that is also an ``original``: a subclass of both, made once per class.
+
+    GraphModule comes first in the MRO, so its ``forward``, ``graph``, ``code``, calling and
+    copying win; ``original``'s other methods (``forward_features``, ``reset_classifier``,
+    ...) run its eager code on the copy's submodules. ``original`` itself is not changed.
+
+    >>> lean = optimize(torchvision.models.resnet18())          # doctest: +SKIP
+    >>> isinstance(lean, torchvision.models.ResNet)             # doctest: +SKIP
+    True
+    """
+    def body(ns: dict) -> None:
+        ns.update(__module__=__name__, __qualname__=original.__qualname__, _original_class=original)
+
+    return types.new_class(original.__name__, (RewrittenModule, original), exec_body=body)
+
+
+def _class_for(original: type) -> type:
+    """The class of the copy of a model of class ``original``.
+
+    A GraphModule given to ``optimize`` has a per-instance class of FX's: that one is not kept.
+    """
+    if issubclass(original, fx.GraphModule) or original is nn.Module:
+        return RewrittenModule
+    return _rewritten_class(original)
 
 
 def _source(graph: fx.Graph) -> str:
@@ -110,9 +161,27 @@ def _forget_wrapped(namespace: dict) -> None:
         del table[key]
 
 
-def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str) -> "RewrittenModule":
+def _import_class(where: Tuple[str, str]) -> Optional[type]:
+    """The class named ``(module, qualified name)``; None, with a warning, where it cannot be imported."""
+    module, qualname = where
+    try:
+        found = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise TypeError(f"{module}.{qualname} is not an nn.Module class")
+        return found
+    except Exception as e:
+        warnings.warn(f"graph_rewrite: the model's class {module}.{qualname} cannot be imported here ({_first_line(e)}); "
+                      "the loaded copy runs its graph but lacks the class's other methods", stacklevel=3)
+        return None
+
+
+def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str,
+              original: Optional[Tuple[str, str]] = None) -> "RewrittenModule":
     # Lives in this module, so unpickling imports graph_rewrite and registers the ops.
-    res = RewrittenModule.__new__(RewrittenModule)
+    cls = _import_class(original) if original is not None else None
+    res = RewrittenModule.__new__(RewrittenModule if cls is None else _class_for(cls))
     res.__dict__.update(body)
     res.__class__.__name__ = class_name
     res.graph = _graph_from_code(body, code)
@@ -320,10 +389,11 @@ def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str
             m.training = f
 
 
-def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constants: Dict[str, object]) -> RewrittenModule:
+def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constants: Dict[str, object],
+           cls: type = RewrittenModule) -> RewrittenModule:
     for name, value in constants.items():
         root.__dict__[name] = value  # as the tracer left them: plain attributes, not buffers
-    gm = RewrittenModule(root, graph, class_name=type(root).__name__)
+    gm = cls(root, graph, class_name=type(root).__name__)
     # GraphModule copies only what the graph uses, into fresh containers, and turns
     # every get_attr tensor into a persistent buffer. Take the original tree instead,
     # so names, unused submodules and persistence are exactly the original's.
@@ -395,11 +465,13 @@ def _join(prefix: str, path: str) -> str:
 
 
 def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteReport,
-                       runtime_report: Optional[RewriteReport] = None, prefix: str = "") -> RewrittenModule:
+                       runtime_report: Optional[RewriteReport] = None, prefix: str = "",
+                       keep_class: bool = False) -> RewrittenModule:
     """Rewrite every mode's graph, run the leaves FX could not enter under the runtime front end, build the result.
 
     The leaves record their call sites in ``runtime_report`` (default ``report``) with
     paths under ``prefix``: a submodule traced on its own reports into its root's record.
+    With ``keep_class`` the result is also an instance of ``root``'s class (:func:`_rewritten_class`).
     """
     modules = dict(root.named_modules())
     seen = set()
@@ -435,7 +507,8 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     if any(r.kind == "recompute" for r in report.replaced) and AUTOCAST_NOTE not in report.notes:
         report.notes.append(AUTOCAST_NOTE)
 
-    gm = _build(root, graphs["current"], list(graphs.values()), constants)
+    gm = _build_keeping_class(root, graphs, constants, report) if keep_class else \
+        _build(root, graphs["current"], list(graphs.values()), constants)
     if len(set(codes.values())) > 1:  # the code reads self.training somewhere
         gm._mode_graphs = {
             True: graphs["current"] if codes[True] == codes["current"] else graphs[True],
@@ -443,6 +516,18 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
         }
     gm.rewrite_report = report
     return gm
+
+
+def _build_keeping_class(root: nn.Module, graphs: Dict[object, fx.Graph], constants: Dict[str, object],
+                         report: RewriteReport) -> RewrittenModule:
+    """:func:`_build` with the class of :func:`_class_for`; a plain RewrittenModule, noted in
+    the report, where the model's class refuses (its ``__init_subclass__``, a metaclass, ...)."""
+    try:
+        return _build(root, graphs["current"], list(graphs.values()), constants, _class_for(type(root)))
+    except Exception as e:
+        report.notes.append(f"the copy is not an instance of {type(root).__qualname__} and lacks its other methods "
+                            f"({_first_line(e)})")
+        return _build(root, graphs["current"], list(graphs.values()), constants)
 
 
 def _warn_uncovered(report: RewriteReport) -> None:
