@@ -1,6 +1,7 @@
 """The optimized copy keeps the model's interface: it saves and loads, has the same
 signature, class, methods and attributes, and says so when a hook could never run."""
 import copy
+import inspect
 import io
 import pickle
 import subprocess
@@ -173,3 +174,77 @@ def test_a_copy_whose_class_cannot_be_imported_still_loads():
     assert type(back).__name__ == "Local" and not isinstance(back, Local)
     x = torch.randn(3, 8)
     torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------- signature
+class Starred(nn.Module):
+    """``*xs`` before a keyword-only parameter: FX's placeholders come the other way round."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.Softplus()
+
+    def forward(self, *xs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.act(self.fc(xs[0] + xs[1])) * scale
+
+
+class PositionalOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(8, 8), nn.Softplus()
+
+    def forward(self, x, /, y, *, scale=2.0):
+        return self.act(self.fc(x - y)) * scale
+
+
+def test_fx_copy_keeps_starred_and_keyword_only_parameters():
+    torch.manual_seed(0)
+    model = Starred()
+    lean = graph_rewrite.optimize(model)
+    assert isinstance(lean, graph_rewrite.RewrittenModule)
+    assert "graph_rewrite.softplus" in lean.code
+    assert inspect.signature(lean.forward) == inspect.signature(model.forward)
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(lean(a, b), model(a, b), rtol=0, atol=0)
+    torch.testing.assert_close(lean(a, b, scale=3.0), model(a, b, scale=3.0), rtol=0, atol=0)
+    torch.testing.assert_close(lean(a, b, a), model(a, b, a), rtol=0, atol=0)  # a third xs, not scale
+    for twin in (copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
+        assert inspect.signature(twin.forward) == inspect.signature(model.forward)
+        torch.testing.assert_close(twin(a, b, scale=3.0), model(a, b, scale=3.0), rtol=0, atol=0)
+
+
+def test_fx_copy_keeps_positional_only_parameters():
+    model = PositionalOnly()
+    lean = graph_rewrite.optimize(model)
+    assert "graph_rewrite.softplus" in lean.code
+    assert inspect.signature(lean.forward) == inspect.signature(model.forward)
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    torch.testing.assert_close(lean(x, y=y), model(x, y=y), rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        lean(x, y, 3.0)  # scale is keyword-only, as in the model
+    with pytest.raises(TypeError):
+        lean(x=x, y=y)  # x is positional-only
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_runtime_copy_of_a_hugging_face_model_keeps_its_signature():
+    model = _tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FX cannot trace the root: the runtime front end
+        lean = graph_rewrite.optimize(model)
+    assert type(lean) is type(model)
+    signature = inspect.signature(lean.forward)
+    assert signature == inspect.signature(model.forward)
+    # What transformers' Trainer reads to choose the dataset columns it keeps.
+    assert {"input_ids", "attention_mask", "labels"} <= set(signature.parameters)
+    ids = torch.randint(0, 128, (2, 6))
+    torch.testing.assert_close(lean(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+    for twin in (copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
+        assert inspect.signature(twin.forward) == signature

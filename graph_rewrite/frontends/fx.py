@@ -7,6 +7,7 @@ import functools
 import importlib
 import inspect
 import operator
+import re
 import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -71,6 +72,12 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
             self.graph = graphs[mode]  # the setter recompiles forward
         return super().train(mode)
 
+    def recompile(self):
+        code = super().recompile()
+        if self._original_class is not None:
+            _sign_like(type(self).forward, self._original_class.forward)
+        return code
+
     # GraphModule's own copy and pickle rebuild from the graph, keeping only the
     # submodules it uses; these keep the whole tree, the mode graphs and the report.
     def __deepcopy__(self, memo):
@@ -134,6 +141,81 @@ def _source(graph: fx.Graph) -> str:
     return _format_import_block(code.globals, sys_importer) + "\n" + code.src
 
 
+class _OriginalOrder(fx.graph.CodeGen):
+    """FX's code generator, with the parameters of ``def forward`` in the order and kinds of the model's own.
+
+    FX writes its placeholders in the order of the code's variables: keyword-only
+    parameters before ``*args``, and no ``/`` or ``*``. For ``forward(self, *xs,
+    scale=1.0)`` that is ``forward(self, scale=1.0, *xs)``, where ``lean(a, b)`` would
+    bind ``a`` to ``scale``.
+    """
+
+    def __init__(self, params: Tuple[Tuple[str, "inspect._ParameterKind"], ...]) -> None:
+        super().__init__()
+        self.params = params  # (name, kind), in the model's order
+
+    def gen_fn_def(self, free_vars: List[str], maybe_return_annotation: str, **kwargs) -> str:
+        # Each entry is "<target>[ : annotation][ = default]", the target "*xs" for *args.
+        written = {re.match(r"\**(\w+)", v).group(1): v for v in free_vars if v != "self"}
+        if sorted(written) != sorted(name for name, _ in self.params):
+            return super().gen_fn_def(free_vars, maybe_return_annotation, **kwargs)
+        P = inspect.Parameter
+        ordered = ["self"]
+        for i, (name, kind) in enumerate(self.params):
+            if kind is P.KEYWORD_ONLY and not any(k in (P.KEYWORD_ONLY, P.VAR_POSITIONAL) for _, k in self.params[:i]):
+                ordered.append("*")
+            ordered.append(written[name])
+            if kind is P.POSITIONAL_ONLY and (i + 1 == len(self.params) or self.params[i + 1][1] is not P.POSITIONAL_ONLY):
+                ordered.append("/")
+        return super().gen_fn_def(ordered, maybe_return_annotation, **kwargs)
+
+
+def _keep_order(graph: fx.Graph, forward) -> None:
+    """Make ``graph``'s code take its arguments as ``forward`` (a function with ``self``) does,
+    where FX would write them otherwise: positional-only or keyword-only parameters."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return
+    P = inspect.Parameter
+    if any(p.kind in (P.POSITIONAL_ONLY, P.KEYWORD_ONLY) for p in params):
+        graph.set_codegen(_OriginalOrder(tuple((p.name, p.kind) for p in params)))
+
+
+def _check_parameters(graph: fx.Graph, forward) -> None:
+    """Raise :class:`_RootUntraceable` unless the graph's placeholders are ``forward``'s parameters
+    (what :class:`_OriginalOrder` needs to write them back as ``forward`` takes them)."""
+    try:
+        names = list(inspect.signature(forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return  # nothing to compare with: FX's own order
+    placeholders = [str(n.target).lstrip("*") for n in graph.nodes if n.op == "placeholder"]
+    if sorted(placeholders) != sorted(names):
+        raise _RootUntraceable(f"FX's inputs {placeholders} are not forward's parameters {names}: "
+                               "the graph would bind arguments otherwise")
+
+
+def _same_default(a: object, b: object) -> bool:
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:  # a tensor default, ...: not comparable here
+        return False
+
+
+def _sign_like(generated, original) -> None:
+    """Give the generated ``forward`` the signature of the model's own, annotations included,
+    where both take the same arguments (names, kinds, defaults): FX drops some annotations
+    (``*xs: Tensor``). Where they differ, the generated signature stays, as it is the truth."""
+    try:
+        ours, theirs = inspect.signature(generated), inspect.signature(original)
+    except (TypeError, ValueError):
+        return
+    if len(ours.parameters) == len(theirs.parameters) and all(
+            a.name == b.name and a.kind is b.kind and _same_default(a.default, b.default)
+            for a, b in zip(ours.parameters.values(), theirs.parameters.values())):
+        generated.__signature__ = theirs
+
+
 def _graph_from_code(body: dict, code: str) -> fx.Graph:
     """What GraphModule's own unpickling does: run the saved code once and trace it.
 
@@ -147,7 +229,9 @@ def _graph_from_code(body: dict, code: str) -> fx.Graph:
     try:
         # "import torch" first: code saved before the imports were written relies on it.
         _exec_with_source("import torch\n" + code, namespace)
-        return _deserialize_graph_module(namespace["forward"], body).graph
+        graph = _deserialize_graph_module(namespace["forward"], body).graph
+        _keep_order(graph, namespace["forward"])  # retracing the code reorders as the first trace did
+        return graph
     finally:
         _forget_wrapped(namespace)
 
@@ -199,6 +283,10 @@ class _GuardedForward:
 
     def __init__(self, module: nn.Module, gm: "RewrittenModule", arity: int) -> None:
         self.module, self.gm, self.arity = module, gm, arity
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).forward.__get__(self.module))
 
     def __call__(self, *args, **kwargs):
         if kwargs or len(args) != self.arity or not all(isinstance(a, torch.Tensor) for a in args):
@@ -383,6 +471,7 @@ def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str
                 graphs[mode] = _trace(root, leaves, reasons, constants)
             if len(leaves) == n_leaves:  # every mode agreed on the same leaves
                 current = graphs.pop("current") if "current" in graphs else graphs[next(iter(uniform))]
+                _check_parameters(current, type(root).forward)
                 return {"current": current, **graphs}, reasons, constants
     finally:
         for m, f in flags:
@@ -393,6 +482,8 @@ def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constan
            cls: type = RewrittenModule) -> RewrittenModule:
     for name, value in constants.items():
         root.__dict__[name] = value  # as the tracer left them: plain attributes, not buffers
+    for g in graphs:
+        _keep_order(g, type(root).forward)
     gm = cls(root, graph, class_name=type(root).__name__)
     # GraphModule copies only what the graph uses, into fresh containers, and turns
     # every get_attr tensor into a persistent buffer. Take the original tree instead,
