@@ -33,6 +33,19 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
     mode, and carries ``.rewrite_report``.
 
+    The copy keeps the model's interface: ``inspect.signature(lean.forward)`` is the model's
+    (positional-only, ``*args`` and keyword-only parameters are taken as the model takes
+    them), and it pickles, deep-copies and ``torch.save``-s.
+
+    Hooks: a module that has hooks when ``optimize`` is called is left as a call, so its
+    hooks keep running in the copy. A module the rewrite turned into an op (an
+    ``nn.Softplus`` into ``torch.ops.graph_rewrite.softplus``, the Linear after a GELU into
+    ``graph_rewrite.recompute_linear``) is no longer called by the copy's graph: registering a
+    forward, forward-pre or backward hook on the copy's instance of it raises a
+    ``RuntimeError`` naming the op, instead of registering a hook that would never run.
+    Register such hooks on the model before optimizing it. Hooks on modules the graph
+    still calls work as usual.
+
     A ``torch.jit.ScriptModule`` (scripted, traced or loaded) goes to the TorchScript
     front end (:mod:`graph_rewrite.frontends.torchscript`): the result is a rewritten
     ScriptModule copy that shares the parameters and carries ``.rewrite_report``.
@@ -63,6 +76,11 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         >>> lean = optimize(model)
         >>> lean.rewrite_report.counts()
         {'graph_rewrite.softplus': 1}
+        >>> isinstance(lean, nn.Sequential)
+        True
+        >>> lean[1].register_forward_hook(print)          # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        RuntimeError: graph_rewrite: module '1' was rewritten into graph_rewrite.softplus, ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")

@@ -248,3 +248,48 @@ def test_runtime_copy_of_a_hugging_face_model_keeps_its_signature():
     torch.testing.assert_close(lean(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
     for twin in (copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
         assert inspect.signature(twin.forward) == signature
+
+
+# ----------------------------------------------------------------- hooks registered after optimize()
+_REGISTER = ["register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+             "register_full_backward_pre_hook"]
+
+
+@pytest.mark.parametrize("register", _REGISTER)
+def test_a_hook_on_a_module_rewritten_into_an_op_is_refused(register):
+    model = _softplus_mlp()
+    lean = graph_rewrite.optimize(model)
+    assert "graph_rewrite.softplus" in lean.code and "self.1(" not in lean.code.replace(" ", "")
+    with pytest.raises(RuntimeError, match=r"'1'.*rewritten into graph_rewrite\.softplus.*never run.*before"):
+        getattr(lean[1], register)(lambda *a: None)
+    assert type(lean[1]) is nn.Softplus  # its class is left alone
+    getattr(model[1], register)(lambda *a: None)  # the user's module takes hooks as before
+
+
+def test_a_hook_on_a_consumer_rewritten_into_a_recompute_op_is_refused():
+    lean = graph_rewrite.optimize(nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)))
+    assert "recompute_linear" in lean.code
+    with pytest.raises(RuntimeError, match=r"'2'.*graph_rewrite\.recompute_linear"):
+        lean[2].register_forward_hook(lambda *a: None)
+
+
+def test_hooks_on_modules_the_graph_still_calls_run():
+    torch.manual_seed(0)
+    model = _softplus_mlp()
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append("before optimize"))
+    lean = graph_rewrite.optimize(model)
+    lean[2].register_forward_pre_hook(lambda *a: calls.append("pre"))
+    lean[2].register_forward_hook(lambda *a: calls.append("forward"))
+    lean[0].register_full_backward_hook(lambda *a: calls.append("backward"))
+    x = torch.randn(3, 8, requires_grad=True)
+    lean(x).sum().backward()
+    assert calls == ["before optimize", "pre", "forward", "backward"]
+
+
+def test_the_refusal_survives_copies():
+    lean = graph_rewrite.optimize(_softplus_mlp())
+    for twin in (copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
+        with pytest.raises(RuntimeError, match="rewritten into graph_rewrite.softplus"):
+            twin[1].register_forward_hook(lambda *a: None)
+        twin[0].register_forward_hook(lambda *a: None)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch import fx
 
 from ..report import Respelled, RewriteReport, Uncovered
-from ..rules import Rule
+from ..rules import Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
@@ -296,6 +296,60 @@ class _GuardedForward:
         return self.gm(*args)
 
 
+# The Module methods that register a hook run by calling the module.
+_HOOK_REGISTRARS = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+                    "register_full_backward_pre_hook", "register_backward_hook")
+
+
+class _RefuseHook:
+    """Stands for a hook registrar (``register_forward_hook``, ...) on the copy's instance of a
+    module that the rewritten graph no longer calls: such a hook would never run. An object of a
+    module-level class, not a closure, so the model still pickles and deep-copies."""
+
+    def __init__(self, path: str, op: str, method: str) -> None:
+        self.path, self.op, self.method = path, op, method
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"graph_rewrite: module '{self.path}' was rewritten into {self.op}, so the optimized model no longer "
+            f"calls it: a hook registered with {self.method}() would never run. Hooks registered on the model "
+            "before graph_rewrite.optimize() are kept (a module with hooks is left as a call): register the hook "
+            "on the original model, then optimize it."
+        )
+
+
+def _calls(graph: fx.Graph) -> Dict[str, str]:
+    """{node name: module path} of the graph's module calls."""
+    return {n.name: n.target for n in graph.nodes if n.op == "call_module"}
+
+
+def _refuse_hooks_on_dropped(graphs: Sequence[fx.Graph], before: Sequence[Dict[str, str]],
+                             modules: Dict[str, nn.Module], prefix: str = "") -> None:
+    """Refuse hooks on the modules that some graph called before rewriting and none calls after.
+
+    The rewrite keeps a node's name when it turns a module call into an op, so the
+    node of that name tells which op took the module's place.
+    """
+    still_called = {t for g in graphs for t in _calls(g).values()}
+    for graph, calls in zip(graphs, before):
+        nodes = {n.name: n for n in graph.nodes}
+        for name, path in calls.items():
+            if path in still_called:
+                continue
+            node = nodes.get(name)
+            op = _op_name(node.target) if node is not None and node.op == "call_function" else "other calls"
+            for method in _HOOK_REGISTRARS:
+                # On the instance, which is the copy's: the class, shared with the user's model, is left alone.
+                setattr(modules[path], method, _RefuseHook(_join(prefix, path) if prefix else path, op, method))
+
+
+def _op_name(target) -> str:
+    """``graph_rewrite.softplus`` for a torch op, ``F.silu`` for a Python function."""
+    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return str(target)
+    return pattern_name(target)
+
+
 class _InPlaceProxy(fx.Proxy):
     """A Proxy on which ``a += b`` records ``operator.iadd``, as eager runs it: in place.
 
@@ -569,6 +623,8 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     codes = {}
     code_of: Dict[int, str] = {}  # a graph may serve two modes: rewrite it once
     names = [r.name for r in rules]
+    unique = list({id(g): g for g in graphs.values()}.values())
+    calls_before = [_calls(g) for g in unique]
     for mode, graph in graphs.items():
         if id(graph) not in code_of:
             # Spellings first: -F.softplus(-x) must be seen before F.softplus is rewritten alone.
@@ -590,6 +646,7 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
                     report.left_alone.append(rec)
             code_of[id(graph)] = graph.python_code("self").src
         codes[mode] = code_of[id(graph)]
+    _refuse_hooks_on_dropped(unique, calls_before, modules, prefix)
     for path in sorted(reasons):
         run_under_mode(modules[path], rules, runtime_report or report, _join(prefix, path) if prefix else path)
         report.uncovered.append(Uncovered(path, reasons[path]))
