@@ -72,7 +72,8 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
             self.graph = graphs[mode]  # the setter recompiles forward
         return super().train(mode)
 
-    def recompile(self):
+    def recompile(self) -> "fx.graph.PythonCode":
+        # Each recompile makes a new forward function: it gets the model's signature again.
         code = super().recompile()
         if self._original_class is not None:
             _sign_like(type(self).forward, self._original_class.forward)
