@@ -23,15 +23,22 @@ lean_rt = graph_rewrite.optimize(m)                       # root untraced: runti
 lean_fx = Autocast(graph_rewrite.optimize(inner), dev, torch.float16)  # FX front end inside autocast
 print("fronts:", type(lean_rt.inner).__name__, type(lean_fx.inner).__name__, flush=True)
 
+def hook(mod, fn):
+    try:
+        return mod.register_forward_hook(fn)
+    except RuntimeError:  # rewritten into an op: the graph no longer calls the module, nothing to record
+        return None
+
 def record(model):
     outs = []
-    hooks = [mod.register_forward_hook(lambda mod, i, o, n=n: outs.append((n, type(mod).__name__, i[0].dtype if isinstance(i[0], torch.Tensor) else None, o.detach().clone() if isinstance(o, torch.Tensor) else None)) or None)
+    hooks = [hook(mod, lambda mod, i, o, n=n: outs.append((n, type(mod).__name__, i[0].dtype if isinstance(i[0], torch.Tensor) else None, o.detach().clone() if isinstance(o, torch.Tensor) else None)) or None)
              for n, mod in model.named_modules() if n and "." in n and n.count(".") <= 3]
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     xx = x.clone().requires_grad_()
     y = model(xx)
     model.load_state_dict(sd)
-    for h in hooks: h.remove()
+    for h in hooks:
+        if h is not None: h.remove()
     return y, outs
 
 for name, lean in (("runtime", lean_rt), ("fx", lean_fx)):

@@ -33,6 +33,19 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
     mode, and carries ``.rewrite_report``.
 
+    The copy keeps the model's interface: ``inspect.signature(lean.forward)`` is the model's
+    (positional-only, ``*args`` and keyword-only parameters are taken as the model takes
+    them), and it pickles, deep-copies and ``torch.save``-s.
+
+    Hooks: a module that has hooks when ``optimize`` is called is left as a call, so its
+    hooks keep running in the copy. A module the rewrite turned into an op (an
+    ``nn.Softplus`` into ``torch.ops.graph_rewrite.softplus``, the Linear after a GELU into
+    ``graph_rewrite.recompute_linear``) is no longer called by the copy's graph: registering a
+    forward, forward-pre or backward hook on the copy's instance of it raises a
+    ``RuntimeError`` naming the op, instead of registering a hook that would never run.
+    Register such hooks on the model before optimizing it. Hooks on modules the graph
+    still calls work as usual.
+
     A ``torch.jit.ScriptModule`` (scripted, traced or loaded) goes to the TorchScript
     front end (:mod:`graph_rewrite.frontends.torchscript`): the result is a rewritten
     ScriptModule copy that shares the parameters and carries ``.rewrite_report``.
@@ -49,12 +62,25 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         traced, a copy of the model (same class) whose ``forward`` runs under the
         runtime front end.
 
+        The :class:`RewrittenModule` is also an instance of the model's class: its other
+        methods (``forward_features``, ``reset_classifier``, ...) and attributes are there and
+        run the class's eager code on the copy's submodules. Its ``forward`` is the graph, in
+        which FX fixed what the model's code read while tracing: only ``train()``/``eval()``
+        switch graphs, so an attribute such as timm's ``grad_checkpointing`` set on the copy
+        changes those methods but not ``lean(x)``. Pickled, it names the class by module and
+        name; where that cannot be imported, it loads (with a warning) without the methods.
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.Softplus(), nn.Linear(8, 1))
         >>> lean = optimize(model)
         >>> lean.rewrite_report.counts()
         {'graph_rewrite.softplus': 1}
+        >>> isinstance(lean, nn.Sequential)
+        True
+        >>> lean[1].register_forward_hook(print)          # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        RuntimeError: graph_rewrite: module '1' was rewritten into graph_rewrite.softplus, ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() takes a torch.nn.Module, got {type(model).__name__}")
@@ -86,7 +112,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         _warn_uncovered(report)
         root.rewrite_report = report
         return root
-    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report)
+    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True)
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)")
     _warn_uncovered(report)

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import importlib
 import inspect
 import operator
+import re
+import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -13,7 +17,7 @@ import torch.nn as nn
 from torch import fx
 
 from ..report import Respelled, RewriteReport, Uncovered
-from ..rules import Rule
+from ..rules import Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
@@ -36,7 +40,16 @@ _CONTAINERS = (
 )
 
 
-class RewrittenModule(fx.GraphModule):
+class _InitAsModule(nn.Module):
+    """Between GraphModule and a model's own class in the MRO of :func:`_rewritten_class`:
+    GraphModule's ``super().__init__()`` then sets up a plain Module, instead of running the
+    model's ``__init__`` (which needs its arguments and would build a second model)."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+
+class RewrittenModule(fx.GraphModule, _InitAsModule):
     """What :func:`optimize` returns: a GraphModule with the original's module tree.
 
     Submodule names, parameters and buffers are the original's (shared, not
@@ -44,7 +57,14 @@ class RewrittenModule(fx.GraphModule):
     reads ``self.training`` (stochastic depth, ``F.dropout(training=...)``), FX
     bakes the flag into the graph, so one graph per mode is kept and
     ``train()``/``eval()`` switch between them.
+
+    The copy of a model is also an instance of the model's class (see
+    :func:`_rewritten_class`): its other methods and attributes are there, and
+    ``isinstance(copy, type(model))`` holds.
     """
+
+    # The model's class, for the per-class subclasses of _rewritten_class.
+    _original_class: Optional[type] = None
 
     def train(self, mode: bool = True) -> "RewrittenModule":
         graphs = self.__dict__.get("_mode_graphs")
@@ -52,10 +72,17 @@ class RewrittenModule(fx.GraphModule):
             self.graph = graphs[mode]  # the setter recompiles forward
         return super().train(mode)
 
+    def recompile(self) -> "fx.graph.PythonCode":
+        # Each recompile makes a new forward function: it gets the model's signature again.
+        code = super().recompile()
+        if self._original_class is not None:
+            _sign_like(type(self).forward, self._original_class.forward)
+        return code
+
     # GraphModule's own copy and pickle rebuild from the graph, keeping only the
     # submodules it uses; these keep the whole tree, the mode graphs and the report.
     def __deepcopy__(self, memo):
-        res = RewrittenModule.__new__(RewrittenModule)  # a fresh per-instance class for forward
+        res = RewrittenModule.__new__(type(self))  # a fresh per-instance class for forward
         memo[id(self)] = res
         state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
         res.__dict__.update(copy.deepcopy(state, memo))
@@ -66,20 +93,180 @@ class RewrittenModule(fx.GraphModule):
     def __reduce__(self):
         body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_mode_graphs")}
         graphs = self.__dict__.get("_mode_graphs")
-        codes = {m: g.python_code("self").src for m, g in graphs.items()} if graphs else None
-        return (_unpickle, (body, self.code, codes, type(self).__name__))
+        codes = {m: _source(g) for m, g in graphs.items()} if graphs else None
+        # The per-class subclass is made at run time: it is rebuilt from the model's class,
+        # named by module and qualified name (a copy still loads where that class cannot be imported).
+        original = self._original_class
+        where = None if original is None else (original.__module__, original.__qualname__)
+        return (_unpickle, (body, _source(self.graph), codes, type(self).__name__, where))
+
+
+@functools.lru_cache(maxsize=None)
+def _rewritten_class(original: type) -> type:
+    """``RewrittenModule`` that is also an ``original``: a subclass of both, made once per class.
+
+    GraphModule comes first in the MRO, so its ``forward``, ``graph``, ``code``, calling and
+    copying win; ``original``'s other methods (``forward_features``, ``reset_classifier``,
+    ...) run its eager code on the copy's submodules. ``original`` itself is not changed.
+
+    >>> lean = optimize(torchvision.models.resnet18())          # doctest: +SKIP
+    >>> isinstance(lean, torchvision.models.ResNet)             # doctest: +SKIP
+    True
+    """
+    def body(ns: dict) -> None:
+        ns.update(__module__=__name__, __qualname__=original.__qualname__, _original_class=original)
+
+    return types.new_class(original.__name__, (RewrittenModule, original), exec_body=body)
+
+
+def _class_for(original: type) -> type:
+    """The class of the copy of a model of class ``original``.
+
+    A GraphModule given to ``optimize`` has a per-instance class of FX's: that one is not kept.
+    """
+    if issubclass(original, fx.GraphModule) or original is nn.Module:
+        return RewrittenModule
+    return _rewritten_class(original)
+
+
+def _source(graph: fx.Graph) -> str:
+    """The graph's forward as a module's source: the imports of what it calls, then the code.
+
+    The imports are those ``GraphModule.__reduce__`` writes: functions FX keeps as calls
+    (``torch.fx.wrap``, e.g. torchvision's ``stochastic_depth``) are globals of the code.
+    """
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    code = graph.python_code("self")
+    return _format_import_block(code.globals, sys_importer) + "\n" + code.src
+
+
+class _OriginalOrder(fx.graph.CodeGen):
+    """FX's code generator, with the parameters of ``def forward`` in the order and kinds of the model's own.
+
+    FX writes its placeholders in the order of the code's variables: keyword-only
+    parameters before ``*args``, and no ``/`` or ``*``. For ``forward(self, *xs,
+    scale=1.0)`` that is ``forward(self, scale=1.0, *xs)``, where ``lean(a, b)`` would
+    bind ``a`` to ``scale``.
+    """
+
+    def __init__(self, params: Tuple[Tuple[str, "inspect._ParameterKind"], ...]) -> None:
+        super().__init__()
+        self.params = params  # (name, kind), in the model's order
+
+    def gen_fn_def(self, free_vars: List[str], maybe_return_annotation: str, **kwargs) -> str:
+        # Each entry is "<target>[ : annotation][ = default]", the target "*xs" for *args.
+        written = {re.match(r"\**(\w+)", v).group(1): v for v in free_vars if v != "self"}
+        if sorted(written) != sorted(name for name, _ in self.params):
+            return super().gen_fn_def(free_vars, maybe_return_annotation, **kwargs)
+        P = inspect.Parameter
+        ordered = ["self"]
+        for i, (name, kind) in enumerate(self.params):
+            if kind is P.KEYWORD_ONLY and not any(k in (P.KEYWORD_ONLY, P.VAR_POSITIONAL) for _, k in self.params[:i]):
+                ordered.append("*")
+            ordered.append(written[name])
+            if kind is P.POSITIONAL_ONLY and (i + 1 == len(self.params) or self.params[i + 1][1] is not P.POSITIONAL_ONLY):
+                ordered.append("/")
+        return super().gen_fn_def(ordered, maybe_return_annotation, **kwargs)
+
+
+def _keep_order(graph: fx.Graph, forward) -> None:
+    """Make ``graph``'s code take its arguments as ``forward`` (a function with ``self``) does,
+    where FX would write them otherwise: positional-only or keyword-only parameters."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return
+    P = inspect.Parameter
+    if any(p.kind in (P.POSITIONAL_ONLY, P.KEYWORD_ONLY) for p in params):
+        graph.set_codegen(_OriginalOrder(tuple((p.name, p.kind) for p in params)))
+
+
+def _check_parameters(graph: fx.Graph, forward) -> None:
+    """Raise :class:`_RootUntraceable` unless the graph's placeholders are ``forward``'s parameters
+    (what :class:`_OriginalOrder` needs to write them back as ``forward`` takes them)."""
+    try:
+        names = list(inspect.signature(forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return  # nothing to compare with: FX's own order
+    placeholders = [str(n.target).lstrip("*") for n in graph.nodes if n.op == "placeholder"]
+    if sorted(placeholders) != sorted(names):
+        raise _RootUntraceable(f"FX's inputs {placeholders} are not forward's parameters {names}: "
+                               "the graph would bind arguments otherwise")
+
+
+def _same_default(a: object, b: object) -> bool:
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except Exception:  # a tensor default, ...: not comparable here
+        return False
+
+
+def _sign_like(generated, original) -> None:
+    """Give the generated ``forward`` the signature of the model's own, annotations included,
+    where both take the same arguments (names, kinds, defaults): FX drops some annotations
+    (``*xs: Tensor``). Where they differ, the generated signature stays, as it is the truth."""
+    try:
+        ours, theirs = inspect.signature(generated), inspect.signature(original)
+    except (TypeError, ValueError):
+        return
+    if len(ours.parameters) == len(theirs.parameters) and all(
+            a.name == b.name and a.kind is b.kind and _same_default(a.default, b.default)
+            for a, b in zip(ours.parameters.values(), theirs.parameters.values())):
+        generated.__signature__ = theirs
 
 
 def _graph_from_code(body: dict, code: str) -> fx.Graph:
-    # What GraphModule's own unpickling does: run the saved code once and trace it.
-    from torch.fx.graph_module import _deserialize_graph_module, _forward_from_src
+    """What GraphModule's own unpickling does: run the saved code once and trace it.
 
-    return _deserialize_graph_module(_forward_from_src("import torch\n" + code, {}), body).graph
+    The code registers its wrapped functions in FX's global table (``torch.fx.wrap``
+    keeps the namespace that calls it); those entries are removed again, whether or
+    not the code ran, as one whose name is missing breaks every later trace.
+    """
+    from torch.fx.graph_module import _deserialize_graph_module, _exec_with_source
+
+    namespace: dict = {}
+    try:
+        # "import torch" first: code saved before the imports were written relies on it.
+        _exec_with_source("import torch\n" + code, namespace)
+        graph = _deserialize_graph_module(namespace["forward"], body).graph
+        _keep_order(graph, namespace["forward"])  # retracing the code reorders as the first trace did
+        return graph
+    finally:
+        _forget_wrapped(namespace)
 
 
-def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str) -> "RewrittenModule":
+def _forget_wrapped(namespace: dict) -> None:
+    """Remove the entries of FX's wrapped-function table that point at ``namespace``."""
+    from torch.fx import _symbolic_trace
+
+    table = _symbolic_trace._wrapped_fns_to_patch
+    for key in [k for k, v in table.items() if v is namespace]:
+        del table[key]
+
+
+def _import_class(where: Tuple[str, str]) -> Optional[type]:
+    """The class named ``(module, qualified name)``; None, with a warning, where it cannot be imported."""
+    module, qualname = where
+    try:
+        found = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise TypeError(f"{module}.{qualname} is not an nn.Module class")
+        return found
+    except Exception as e:
+        warnings.warn(f"graph_rewrite: the model's class {module}.{qualname} cannot be imported here ({_first_line(e)}); "
+                      "the loaded copy runs its graph but lacks the class's other methods", stacklevel=3)
+        return None
+
+
+def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str,
+              original: Optional[Tuple[str, str]] = None) -> "RewrittenModule":
     # Lives in this module, so unpickling imports graph_rewrite and registers the ops.
-    res = RewrittenModule.__new__(RewrittenModule)
+    cls = _import_class(original) if original is not None else None
+    res = RewrittenModule.__new__(RewrittenModule if cls is None else _class_for(cls))
     res.__dict__.update(body)
     res.__class__.__name__ = class_name
     res.graph = _graph_from_code(body, code)
@@ -98,12 +285,70 @@ class _GuardedForward:
     def __init__(self, module: nn.Module, gm: "RewrittenModule", arity: int) -> None:
         self.module, self.gm, self.arity = module, gm, arity
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
     def __call__(self, *args, **kwargs):
         if kwargs or len(args) != self.arity or not all(isinstance(a, torch.Tensor) for a in args):
             return type(self.module).forward(self.module, *args, **kwargs)
         if self.gm.training != self.module.training:
             self.gm.train(self.module.training)  # picks the graph for the mode
         return self.gm(*args)
+
+
+# The Module methods that register a hook run by calling the module.
+_HOOK_REGISTRARS = ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+                    "register_full_backward_pre_hook", "register_backward_hook")
+
+
+class _RefuseHook:
+    """Stands for a hook registrar (``register_forward_hook``, ...) on the copy's instance of a
+    module that the rewritten graph no longer calls: such a hook would never run. An object of a
+    module-level class, not a closure, so the model still pickles and deep-copies."""
+
+    def __init__(self, path: str, op: str, method: str) -> None:
+        self.path, self.op, self.method = path, op, method
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"graph_rewrite: module '{self.path}' was rewritten into {self.op}, so the optimized model no longer "
+            f"calls it: a hook registered with {self.method}() would never run. Hooks registered on the model "
+            "before graph_rewrite.optimize() are kept (a module with hooks is left as a call): register the hook "
+            "on the original model, then optimize it."
+        )
+
+
+def _calls(graph: fx.Graph) -> Dict[str, str]:
+    """{node name: module path} of the graph's module calls."""
+    return {n.name: n.target for n in graph.nodes if n.op == "call_module"}
+
+
+def _refuse_hooks_on_dropped(graphs: Sequence[fx.Graph], before: Sequence[Dict[str, str]],
+                             modules: Dict[str, nn.Module], prefix: str = "") -> None:
+    """Refuse hooks on the modules that some graph called before rewriting and none calls after.
+
+    The rewrite keeps a node's name when it turns a module call into an op, so the
+    node of that name tells which op took the module's place.
+    """
+    still_called = {t for g in graphs for t in _calls(g).values()}
+    for graph, calls in zip(graphs, before):
+        nodes = {n.name: n for n in graph.nodes}
+        for name, path in calls.items():
+            if path in still_called:
+                continue
+            node = nodes.get(name)
+            op = _op_name(node.target) if node is not None and node.op == "call_function" else "other calls"
+            for method in _HOOK_REGISTRARS:
+                # On the instance, which is the copy's: the class, shared with the user's model, is left alone.
+                setattr(modules[path], method, _RefuseHook(_join(prefix, path) if prefix else path, op, method))
+
+
+def _op_name(target) -> str:
+    """``graph_rewrite.softplus`` for a torch op, ``F.silu`` for a Python function."""
+    if isinstance(target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+        return str(target)
+    return pattern_name(target)
 
 
 class _InPlaceProxy(fx.Proxy):
@@ -281,16 +526,20 @@ def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str
                 graphs[mode] = _trace(root, leaves, reasons, constants)
             if len(leaves) == n_leaves:  # every mode agreed on the same leaves
                 current = graphs.pop("current") if "current" in graphs else graphs[next(iter(uniform))]
+                _check_parameters(current, type(root).forward)
                 return {"current": current, **graphs}, reasons, constants
     finally:
         for m, f in flags:
             m.training = f
 
 
-def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constants: Dict[str, object]) -> RewrittenModule:
+def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constants: Dict[str, object],
+           cls: type = RewrittenModule) -> RewrittenModule:
     for name, value in constants.items():
         root.__dict__[name] = value  # as the tracer left them: plain attributes, not buffers
-    gm = RewrittenModule(root, graph, class_name=type(root).__name__)
+    for g in graphs:
+        _keep_order(g, type(root).forward)
+    gm = cls(root, graph, class_name=type(root).__name__)
     # GraphModule copies only what the graph uses, into fresh containers, and turns
     # every get_attr tensor into a persistent buffer. Take the original tree instead,
     # so names, unused submodules and persistence are exactly the original's.
@@ -362,17 +611,21 @@ def _join(prefix: str, path: str) -> str:
 
 
 def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteReport,
-                       runtime_report: Optional[RewriteReport] = None, prefix: str = "") -> RewrittenModule:
+                       runtime_report: Optional[RewriteReport] = None, prefix: str = "",
+                       keep_class: bool = False) -> RewrittenModule:
     """Rewrite every mode's graph, run the leaves FX could not enter under the runtime front end, build the result.
 
     The leaves record their call sites in ``runtime_report`` (default ``report``) with
     paths under ``prefix``: a submodule traced on its own reports into its root's record.
+    With ``keep_class`` the result is also an instance of ``root``'s class (:func:`_rewritten_class`).
     """
     modules = dict(root.named_modules())
     seen = set()
     codes = {}
     code_of: Dict[int, str] = {}  # a graph may serve two modes: rewrite it once
     names = [r.name for r in rules]
+    unique = list({id(g): g for g in graphs.values()}.values())
+    calls_before = [_calls(g) for g in unique]
     for mode, graph in graphs.items():
         if id(graph) not in code_of:
             # Spellings first: -F.softplus(-x) must be seen before F.softplus is rewritten alone.
@@ -394,6 +647,7 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
                     report.left_alone.append(rec)
             code_of[id(graph)] = graph.python_code("self").src
         codes[mode] = code_of[id(graph)]
+    _refuse_hooks_on_dropped(unique, calls_before, modules, prefix)
     for path in sorted(reasons):
         run_under_mode(modules[path], rules, runtime_report or report, _join(prefix, path) if prefix else path)
         report.uncovered.append(Uncovered(path, reasons[path]))
@@ -402,7 +656,8 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
     if any(r.kind == "recompute" for r in report.replaced) and AUTOCAST_NOTE not in report.notes:
         report.notes.append(AUTOCAST_NOTE)
 
-    gm = _build(root, graphs["current"], list(graphs.values()), constants)
+    gm = _build_keeping_class(root, graphs, constants, report) if keep_class else \
+        _build(root, graphs["current"], list(graphs.values()), constants)
     if len(set(codes.values())) > 1:  # the code reads self.training somewhere
         gm._mode_graphs = {
             True: graphs["current"] if codes[True] == codes["current"] else graphs[True],
@@ -410,6 +665,18 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
         }
     gm.rewrite_report = report
     return gm
+
+
+def _build_keeping_class(root: nn.Module, graphs: Dict[object, fx.Graph], constants: Dict[str, object],
+                         report: RewriteReport) -> RewrittenModule:
+    """:func:`_build` with the class of :func:`_class_for`; a plain RewrittenModule, noted in
+    the report, where the model's class refuses (its ``__init_subclass__``, a metaclass, ...)."""
+    try:
+        return _build(root, graphs["current"], list(graphs.values()), constants, _class_for(type(root)))
+    except Exception as e:
+        report.notes.append(f"the copy is not an instance of {type(root).__qualname__} and lacks its other methods "
+                            f"({_first_line(e)})")
+        return _build(root, graphs["current"], list(graphs.values()), constants)
 
 
 def _warn_uncovered(report: RewriteReport) -> None:

@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -250,13 +251,25 @@ def _forward_under_mode(module: nn.Module, mode: LeanFunctionMode, inner: Any, *
 
     Set on the optimized copy's instance as a ``functools.partial`` (never on the class,
     which the user's model shares): a partial of a module-level function pickles,
-    deep-copies, and is traced by Dynamo under ``torch.compile``.
+    deep-copies, and is traced by Dynamo under ``torch.compile``. Its subclass
+    :class:`_ModeForward` gives it the signature of the forward it runs.
     """
     forward = inner if inner is not None else type(module).forward.__get__(module)
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)  # nothing will be saved: no mode, no cost
     with mode:
         return forward(*args, **kwargs)
+
+
+class _ModeForward(functools.partial):
+    """``functools.partial(_forward_under_mode, module, mode, inner)`` with the signature of the
+    forward it runs: callers that read ``inspect.signature(model.forward)`` (Hugging Face's
+    ``Trainer`` keeps the dataset columns it names) see the model's own parameters."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        module, _, inner = self.args[:3]
+        return inspect.signature(inner if inner is not None else type(module).forward.__get__(module))
 
 
 class _RefuseScript:
@@ -284,5 +297,5 @@ def run_under_mode(module: nn.Module, rules: Sequence[Rule], report: RewriteRepo
     >>> run_under_mode(copy_of_model, RULES, report)     # doctest: +SKIP
     """
     mode = LeanFunctionMode(rules, report, module, path)
-    module.forward = functools.partial(_forward_under_mode, module, mode, module.__dict__.get("forward"))
+    module.forward = _ModeForward(_forward_under_mode, module, mode, module.__dict__.get("forward"))
     module.__prepare_scriptable__ = _RefuseScript(path)
