@@ -191,6 +191,8 @@ def _saves_something(node: Node, x: Node, modules: Mapping[str, nn.Module]) -> N
     """
     from .fx_recompute import _keeps_nothing  # the same judgement of a use as kind "recompute"
 
+    if x.op in ("placeholder", "get_attr"):
+        raise ValueError("its input is the graph's input or a weight, held by the caller anyway")
     if all(_keeps_nothing(user, node, modules) for user in node.users):
         raise ValueError("no use keeps its output, so keeping it instead of its input saves nothing")
     other = next((u for u in x.users if u is not node and not _keeps_nothing(u, x, modules)), None)
