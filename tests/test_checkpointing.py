@@ -1,0 +1,106 @@
+"""Activation checkpointing stays checkpointed, and ``verify`` fails a model that holds more than native.
+
+FX records the calls ``torch.utils.checkpoint`` makes, not the checkpoint: traced, a
+checkpointed region keeps every activation in it. A module whose code checkpoints
+runs its own code under the runtime front end, which keeps the checkpoint and leaves
+the calls inside it native (the recompute in backward is native code).
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import graph_rewrite
+from graph_rewrite.memory import saved_bytes
+
+NATIVE_INSIDE = "in a checkpointed region"  # why the runtime front end left a call native
+
+
+def optimize_quietly(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return graph_rewrite.optimize(model)
+
+
+def held(model, *inputs):
+    """Bytes autograd holds after ``model``'s forward, without parameters, buffers and inputs."""
+    n, _ = saved_bytes(lambda: model(*inputs), exclude=[*model.parameters(), *model.buffers(), *inputs])
+    return n
+
+
+def grads(model, *inputs, weights_seed=0):
+    """Gradients of the inputs that require grad and of every parameter, of a fixed projection of the output."""
+    out = model(*inputs)
+    out = getattr(out, "logits", out)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(weights_seed), dtype=out.dtype)
+    targets = [t for t in inputs if t.requires_grad] + list(model.parameters())
+    # .backward(), not autograd.grad: reentrant checkpoint supports only the former.
+    (out * w).sum().backward()
+    found = [t.grad for t in targets]
+    for t in targets:
+        t.grad = None
+    return found
+
+
+def assert_bitwise(a, b):
+    assert len(a) == len(b)
+    for g, h in zip(a, b):
+        assert torch.equal(g, h), float((g - h).abs().max())
+
+
+def blocks(n=4, d=256, act=nn.GELU):
+    return nn.ModuleList(nn.Sequential(nn.Linear(d, d), act(), nn.Linear(d, d)) for _ in range(n))
+
+
+class UntraceableRoot(nn.Module):
+    """A forward FX cannot trace (a size as a Python int), with checkpointed blocks around ``act``."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.blocks = blocks(n=2, d=32, act=act)
+        self.act = nn.LeakyReLU()  # its lean op gives native's bits: gradients compare bitwise
+
+    def forward(self, x):
+        for _ in range(x.size(0) // x.size(0)):
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+        return self.act(x)  # outside the checkpoint: rewritten
+
+
+@pytest.mark.parametrize("act", [nn.Softplus, nn.LogSigmoid, nn.LeakyReLU])
+def test_runtime_front_end_leaves_checkpointed_regions_native(act):
+    # Checkpoint recomputes the region in backward without the runtime mode and hands
+    # the recomputed saved tensors to forward's nodes by position: a lean op in forward
+    # got native's input in place of its output (softplus, logsigmoid: CheckpointError).
+    torch.manual_seed(0)
+    model = UntraceableRoot(act).double()
+    x = torch.randn(8, 32, dtype=torch.float64, requires_grad=True)
+    lean = optimize_quietly(model)
+    assert lean.rewrite_report.tracing.startswith("root not traced")
+    assert_bitwise(grads(model, x), grads(lean, x))
+    assert held(lean, x) <= held(model, x)
+    report = lean.rewrite_report
+    assert [r.where for r in report.replaced] == ["act"]
+    assert report.left_alone and all(r.reason.startswith(NATIVE_INSIDE) for r in report.left_alone)
+    assert graph_rewrite.verify(model, lean, x).ok
+
+
+def test_hugging_face_gradient_checkpointing():
+    # A tiny LLaMA whose MLP activation the runtime front end rewrites (sqrtsoftplus calls
+    # F.softplus) inside the checkpointed decoder layers: its backward raised CheckpointError.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, hidden_act="sqrtsoftplus")
+    model = transformers.LlamaForCausalLM(config).double().train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 128, (2, 16))
+    lean = optimize_quietly(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: use_cache is off under checkpointing
+        native, optimized = held(model, ids), held(lean, ids)
+        assert optimized <= native, (native, optimized)
+        assert_bitwise(grads(model, ids), grads(lean, ids))
+    assert any(r.reason.startswith(NATIVE_INSIDE) for r in lean.rewrite_report.left_alone)
