@@ -78,6 +78,19 @@ class Checkpointed(nn.Module):
         return x
 
 
+class Unchecked(nn.Module):
+    """:class:`Checkpointed`'s blocks without checkpoint: what inlining the checkpoint made of it."""
+
+    def __init__(self, model: Checkpointed):
+        super().__init__()
+        self.blocks = model.blocks
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 @pytest.mark.parametrize("spelling", ["checkpoint", "partial", "reentrant", "sequential"])
 def test_torch_checkpoint_stays_checkpointed(spelling):
     torch.manual_seed(0)
@@ -197,3 +210,37 @@ def test_hugging_face_gradient_checkpointing():
         assert optimized <= native, (native, optimized)
         assert_bitwise(grads(model, ids), grads(lean, ids))
     assert any(r.reason.startswith(NATIVE_INSIDE) for r in lean.rewrite_report.left_alone)
+
+
+def test_verify_fails_a_model_that_drops_checkpointing():
+    torch.manual_seed(0)
+    model = Checkpointed(d=64)
+    x = torch.randn(16, 64)
+    report = graph_rewrite.verify(model, Unchecked(model), x)
+    assert not report.ok
+    assert [c.name for c in report.failed] == ["activation memory"]  # same outputs and gradients
+    before, after = report.activation_bytes
+    assert after > before
+    check = report.failed[0]
+    assert check.worst_error == (after - before) / before  # 2.0: three times the original's bytes
+    assert f"{before} B" in check.detail and f"{after} B" in check.detail
+    assert "activation memory" in str(report)
+
+
+def test_verify_memory_check_has_no_noise():
+    # The same model against itself, and the optimized checkpointed model: equal figures, passed.
+    torch.manual_seed(0)
+    model = Checkpointed(d=64)
+    x = torch.randn(16, 64)
+    for other in (model, optimize_quietly(model)):
+        report = graph_rewrite.verify(model, other, x)
+        assert report.ok, str(report)
+        assert report.activation_bytes[0] == report.activation_bytes[1]
+
+
+def test_verify_memory_check_allows_not_one_byte_more():
+    from graph_rewrite.verification import _compare_memory
+
+    assert _compare_memory(1000, 1000).ok and _compare_memory(1000, 999).ok
+    check = _compare_memory(1000, 1001)
+    assert not check.ok and check.detail == "original holds 1000 B, optimized 1001 B (1 B more)"
