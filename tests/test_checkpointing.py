@@ -106,6 +106,17 @@ def test_torch_checkpoint_stays_checkpointed(spelling):
     assert "kept checkpointed" in str(report)
 
 
+def test_torch_compile_backend_keeps_the_checkpoint():
+    # Dynamo captures a checkpoint as one higher-order op with its region as a subgraph;
+    # the backend rewrites the outer graph only, so the region stays checkpointed and native.
+    torch.manual_seed(0)
+    model = Checkpointed(act=nn.Softplus, d=64).double()
+    x = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(model, backend="graph_rewrite")
+    assert held(compiled, x) <= held(model, x)
+    assert_bitwise(grads(model, x), grads(compiled, x))
+
+
 class Encoder(nn.Module):
     def __init__(self):
         super().__init__()
