@@ -129,7 +129,7 @@ class Encoder(nn.Module):
 
 
 def test_the_module_that_checkpoints_is_left_to_the_runtime_front_end():
-    # The root stays traced, its softplus rewritten; the encoder, whose code calls
+    # The root stays traced, its LeakyReLU rewritten; the encoder, whose code calls
     # checkpoint, runs its own code. The blocks it checkpoints are not blamed.
     torch.manual_seed(0)
     # LeakyReLU outside: its lean op gives native's bits (softplus' differs by a rounding).
