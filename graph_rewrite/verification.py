@@ -13,8 +13,12 @@ random numbers (dropout masks, stochastic depth), and are compared on:
   BatchNorm), where any relative error is noise;
 * **buffer updates** (BatchNorm running statistics in train mode);
 * **memory**: bytes saved for backward plus the outputs, each storage once,
-  without parameters, buffers and inputs; on CUDA also the peak over
-  forward + backward and what forward leaves allocated. TorchScript modules
+  without parameters, buffers and inputs. The check fails if the optimized
+  model holds a single byte more than the original (a rewrite that drops
+  activation checkpointing, an op that keeps more than native): the count is
+  exact, the same model measured twice gives the same figure. On CUDA also the
+  peak over forward + backward and what forward leaves allocated, reported but
+  not checked (the allocator's rounding and caching move it). TorchScript modules
   are first run 3 times, so the profiling executor's optimized graph is measured;
 * optionally **time** (``time_iters``) and a float64 reference (``reference64``).
 
@@ -673,6 +677,24 @@ def _compare_buffers(state: _UserState, orig_model: nn.Module, opt_model: nn.Mod
     return Check("buffer updates", not failing, err, where, allowed, detail)
 
 
+def _compare_memory(before: int, after: int) -> Check:
+    """Activation bytes: the optimized model may hold no more than the original, not one byte.
+
+    No slack: :func:`graph_rewrite.memory.saved_bytes` counts storages, not
+    allocator blocks, and gives the same figure for the same model every time.
+    ``worst_error`` is the excess as a fraction of the original's bytes (0 when the
+    optimized model holds as much or less); ``detail`` gives both figures in bytes.
+
+    >>> _compare_memory(262144, 2621440).ok
+    False
+    """
+    more = after - before
+    change = f"{more} B more" if more > 0 else f"{-more} B less" if more < 0 else "the same"
+    detail = f"original holds {before} B, optimized {after} B ({change})"
+    excess = 0.0 if more <= 0 else (more / before if before else math.inf)
+    return Check("activation memory", more <= 0, excess, "optimized", 0.0, detail)
+
+
 def _compare_reference(orig: _Run, opt: _Run, ref: _Run) -> Check:
     """The optimized model's gradient error vs float64 must be close to the original's."""
     worst_orig, worst_opt, where, dtype = 0.0, 0.0, "-", torch.float32
@@ -764,7 +786,8 @@ def verify(
             optimized gradients to be about as close to it as the original's.
 
     Returns:
-        A :class:`VerificationReport`; ``report.ok`` is True only if every check passed.
+        A :class:`VerificationReport`; ``report.ok`` is True only if every check passed,
+        "activation memory" among them: the optimized model holds no more bytes than the original.
 
     Raises:
         TypeError: a model is not an ``nn.Module``.
@@ -828,6 +851,7 @@ def verify(
     if ref is not None:
         report.checks.append(_compare_reference(orig, opt, ref))
     report.activation_bytes = (orig.activation_bytes, opt.activation_bytes)
+    report.checks.append(_compare_memory(*report.activation_bytes))
     if cuda_devices:
         report.peak_cuda_bytes = (orig.cuda_peak, opt.cuda_peak)
         report.cuda_bytes_after_forward = (orig.cuda_held, opt.cuda_held)

@@ -8,12 +8,14 @@ import importlib
 import inspect
 import operator
 import re
+import sys
 import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch import fx
 
 from ..report import Respelled, RewriteReport, Uncovered
@@ -21,7 +23,7 @@ from ..rules import Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
-from .runtime import run_under_mode
+from .runtime import run_under_mode, saved_tensors_hooks_in_effect
 
 __all__ = ["RewrittenModule"]
 
@@ -377,13 +379,40 @@ class _InPlaceProxy(fx.Proxy):
 
 
 class ContextNotRecorded(RuntimeError):
-    """Forward changed grad mode or autocast while tracing: FX records calls, not context managers."""
+    """Forward changed grad mode, autocast or saved-tensor hooks while tracing: FX records calls, not context managers."""
 
 
 def _context() -> Tuple[object, ...]:
-    # What a `with torch.no_grad()` or `with torch.autocast(...)` in forward changes.
+    # What a `with torch.no_grad()` or `with torch.autocast(...)` in forward changes, and
+    # the saved-tensor hooks that torch.utils.checkpoint (or save_on_cpu) pushes.
     return (torch.is_grad_enabled(),
-            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")))
+            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
+            saved_tensors_hooks_in_effect())
+
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+# Under 160 characters with the exception's name: the report keeps the first 160.
+CHECKPOINT_KEPT = "torch.utils.checkpoint in forward: kept checkpointed under the runtime front end (FX would inline it)"
+
+
+def _in_checkpoint() -> bool:
+    """Whether a frame of ``torch.utils.checkpoint`` is on the Python stack (read only when tracing fails)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _context_changed(before: Tuple[object, ...], now: Tuple[object, ...]) -> ContextNotRecorded:
+    """The error for a call recorded under another context than the trace began with, saying which."""
+    if _in_checkpoint():  # reentrant checkpoint runs its region under no_grad, the other one under hooks
+        return ContextNotRecorded(CHECKPOINT_KEPT)
+    if before[:-1] == now[:-1]:  # only the hooks (the last entry) differ: save_on_cpu, hooks of one's own
+        return ContextNotRecorded("saved-tensor hooks pushed inside forward (FX records no hooks)")
+    return ContextNotRecorded("grad mode or autocast changed inside forward (FX records no context managers)")
 
 
 class _LeafTracer(fx.Tracer):
@@ -392,8 +421,10 @@ class _LeafTracer(fx.Tracer):
     Hooked modules stay ``call_module`` so their hooks keep running. When tracing
     fails, ``failed_in`` names the innermost module whose code raised. Augmented
     assignment is recorded in place (:class:`_InPlaceProxy`). A call recorded under
-    another grad mode or autocast state than the trace began with raises
-    :class:`ContextNotRecorded`: the graph would run it without that context.
+    another grad mode, autocast state or saved-tensor hooks than the trace began with
+    raises :class:`ContextNotRecorded`: the graph would run it without that context (a
+    ``torch.utils.checkpoint`` region would be inlined, every activation in it kept).
+    The module whose code entered the context is the one named in ``failed_in``.
     """
 
     # Buffers as graph values: an in-place update (self.count.add_(1)) is then recorded
@@ -413,20 +444,23 @@ class _LeafTracer(fx.Tracer):
         return _InPlaceProxy(node, self)
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
-        if _context() != self._context:
-            raise ContextNotRecorded("grad mode or autocast changed inside forward (FX records no context managers)")
+        now = _context()
+        if now != self._context:
+            raise _context_changed(self._context, now)
         return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or has_hooks(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
+        called_in_context = _context() == self._context
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             path = self.path_of_module(m)
-            # A leaf's own call failing (recorded inside its caller's autocast region) is its caller's failure.
-            if self.failed_in is None and not self.is_leaf_module(m, path):
+            # A leaf's own call failing, or any call made inside its caller's autocast region
+            # or checkpoint, is its caller's failure: the caller's code entered that context.
+            if self.failed_in is None and called_in_context and not self.is_leaf_module(m, path):
                 self.failed_in = path
             raise
 
@@ -504,14 +538,48 @@ def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants
             _restore(snapshot)
 
 
+# Attributes by which libraries switch a module's forward to activation checkpointing.
+_CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")  # timm, Hugging Face
+
+
+def _checkpointing_modules(root: nn.Module) -> Dict[str, str]:
+    """{path: reason} of the outermost modules of ``root`` with a checkpointing flag on.
+
+    Tracing meets a checkpoint call only on the branch FX takes, and FX may take
+    another than eager does: timm's ViT tests ``attn_mask is not None``, which a
+    Proxy for the omitted mask passes, and runs its blocks without checkpoint.
+    A module that says it checkpoints runs its own code instead.
+
+    >>> vit.set_grad_checkpointing(True)                  # doctest: +SKIP
+    >>> _checkpointing_modules(vit)                       # doctest: +SKIP
+    {'': 'grad_checkpointing is on: ...'}
+    """
+    found: Dict[str, str] = {}
+    for path, m in root.named_modules():  # parents before children: the outermost comes first
+        flag = next((f for f in _CHECKPOINT_FLAGS if getattr(m, f, None) is True), None)
+        if flag and not any(_within(path, outer) for outer in found):
+            found[path] = f"{flag} is on: its forward runs under the runtime front end, kept checkpointed"
+    return found
+
+
+def _within(path: str, outer: str) -> bool:
+    """Whether module ``path`` is ``outer`` or inside it ("" is the root)."""
+    return not outer or path == outer or path.startswith(outer + ".")
+
+
 def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
-    """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants."""
+    """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants.
+
+    Modules with a checkpointing flag on start as leaves (:func:`_checkpointing_modules`).
+    """
+    reasons: Dict[str, str] = _checkpointing_modules(root)
+    if "" in reasons:
+        raise _RootUntraceable(reasons[""])
     flags = [(m, m.training) for m in root.modules()]
     uniform = {f for _, f in flags}
     # With uniform flags "current" is one of the two modes: two traces, not three.
     modes: List[object] = [True, False] if len(uniform) == 1 else ["current", True, False]
-    leaves: Set[str] = set()
-    reasons: Dict[str, str] = {}
+    leaves: Set[str] = set(reasons)
     constants: Dict[str, object] = {}
     try:
         while True:

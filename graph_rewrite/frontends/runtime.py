@@ -41,7 +41,7 @@ import functools
 import inspect
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,7 @@ from ..report import LeftAlone, Replaced, RewriteReport
 from ..rules import Rule, pattern_name, rules_for
 from .fx_pass import lean_op_name
 
-__all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table"]
+__all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table", "saved_tensors_hooks_in_effect"]
 
 # Frames in these directories are torch's own (F.sigmoid, nn.Softplus.forward,
 # Module._call_impl): a call site is the first frame outside them.
@@ -77,6 +77,26 @@ def runtime_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Rule, str, bool]]:
                 func = getattr(torch.Tensor, pattern) if isinstance(pattern, str) else pattern
                 table.setdefault(func, (rule, pattern_name(pattern), inplace))
     return table
+
+
+def saved_tensors_hooks_in_effect() -> Optional[Tuple[Any, Any]]:
+    """The innermost ``torch.autograd.graph.saved_tensors_hooks`` (pack, unpack) now in effect, or None.
+
+    Non-reentrant ``torch.utils.checkpoint`` pushes a new pair for its region (and
+    another while it recomputes the region in backward), so a pair other than the
+    one in effect when forward began tells code run inside a checkpointed region.
+
+    >>> with torch.autograd.graph.saved_tensors_hooks(pack, unpack):    # doctest: +SKIP
+    ...     saved_tensors_hooks_in_effect() == (pack, unpack)
+    True
+    """
+    return torch._C._autograd._top_saved_tensors_default_hooks(True)
+
+
+CHECKPOINTED = (
+    "in a checkpointed region (torch.utils.checkpoint, or saved-tensor hooks entered in forward): native, "
+    "as its recompute in backward is native and must save the same tensors"
+)
 
 
 def _call_site() -> Tuple[str, Any]:
@@ -159,6 +179,14 @@ class LeanFunctionMode(TorchFunctionMode):
     runs, which computes the same values. In-place spellings, non-float inputs
     and arguments the lean op cannot serve stay native and are reported.
 
+    Calls made under saved-tensor hooks other than those in effect when the mode was
+    entered stay native: inside ``torch.utils.checkpoint`` (non-reentrant) forward runs
+    under the mode but the recompute in backward does not, and checkpoint hands the
+    recomputed saved tensors to forward's nodes by position. The reentrant form runs
+    its region under ``no_grad``, where nothing is rewritten either. A mode entered
+    inside the region (a module's own forward called there) is entered again by the
+    recompute and rewrites the same calls both times.
+
     ``owner`` is the module whose forward enters the mode: call sites are reported
     with the path of the innermost module of ``owner``'s tree that made them,
     prefixed with ``prefix`` (the owner's path in the optimized model).
@@ -173,6 +201,15 @@ class LeanFunctionMode(TorchFunctionMode):
         self._seen = {(r.site, r.original, "replaced") for r in report.replaced if r.site}
         self._seen |= {(r.site, r.original, r.reason) for r in report.left_alone if r.site}
         self._paths: Optional[Dict[int, str]] = None
+        self._entry_hooks: List[Optional[Tuple[Any, Any]]] = []  # saved-tensor hooks at each (nested) entry
+
+    def __enter__(self):
+        self._entry_hooks.append(saved_tensors_hooks_in_effect())
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._entry_hooks.pop()
+        return super().__exit__(*exc)
 
     # Rules travel by name (op packets do not pickle); the mode is rebuilt without its caches.
     def __getstate__(self) -> Dict[str, Any]:
@@ -200,6 +237,9 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return func(*args, **kwargs)  # no graph: nothing is saved, native gives the same values
+        if self._entry_hooks and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]:
+            self._left_alone(spelling, CHECKPOINTED)
+            return func(*args, **kwargs)
         self._record(rule, spelling, params)
         return rule.op(x, *params.values())
 
