@@ -237,6 +237,11 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return func(*args, **kwargs)  # no graph: nothing is saved, native gives the same values
+        if x.grad_fn is None:
+            # A leaf (the model's input, a weight): the caller holds it anyway, so keeping the
+            # output instead would add bytes, not free them.
+            self._left_alone(spelling, "its input is a leaf tensor (an input or a weight), held by the caller anyway")
+            return func(*args, **kwargs)
         if self._entry_hooks and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]:
             self._left_alone(spelling, CHECKPOINTED)
             return func(*args, **kwargs)
