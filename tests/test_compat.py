@@ -32,8 +32,8 @@ class Net(nn.Module):
         self.spare = nn.Linear(2, 2)
 
     def forward(self, x):
-        h = F.softplus(self.a(x), beta=2.0, threshold=3.0)
-        h = torch.sigmoid(self.b(F.dropout(h, 0.25, self.training)))
+        h = F.softplus(self.a(x), beta=2.0, threshold=3.0)  # b keeps h: keeping it saves a's output
+        h = F.dropout(torch.sigmoid(self.b(h)), 0.25, self.training)
         return F.logsigmoid(self.c(h))
 
 

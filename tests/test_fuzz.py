@@ -220,6 +220,13 @@ def test_random_models_match_native(steps, train, seed):
     [("linear",), ("norm", "batch_norm"), ("act", "silu", "module_inplace"), ("linear",)],
     [("linear",), ("act", "gelu", "functional"), ("mutate", "out"), ("linear",)],
     [("norm", "layer_norm"), ("linear",), ("gate", "silu"), ("residual", True)],
+    # Found by the fuzzer: an output rule on the model's input (held more than native) ...
+    [("act", "softplus", "module")],
+    [("untraceable",), ("act", "softplus", "module")],
+    [("act", "hardtanh", "module"), ("residual", True), ("untraceable",)],
+    # ... and an in-place change of a lean output while saved_tensors_hooks are active.
+    [("linear",), ("act", "hardtanh", "module"), ("untraceable",), ("act", "celu", "module_inplace")],
+    [("linear",), ("act", "leaky_relu", "module"), ("untraceable",), ("mutate", "add_")],
 ])
 def test_known_cases(steps):
     # Shapes the fuzzer found or that the rules single out, run every time.

@@ -400,6 +400,15 @@ def _softplus_records(x: Tensor, output: Tensor, beta: float, threshold: float):
     return linear, underflow_record(x, output, sign, native_when_tiny=beta == 1.0 and threshold >= 0)
 
 
+def saved_with_output(ctx) -> Tuple[Optional[Tensor], ...]:
+    """``ctx.saved_tensors`` of an op that saved its output first, with that output replaced by
+    ``ctx.output_copy`` where the runtime front end copied it before an in-place change
+    (a ``saved_tensors_hooks`` context was active, so the saved tensor itself could not be swapped)."""
+    saved = ctx.saved_tensors
+    copy = getattr(ctx, "output_copy", None)
+    return saved if copy is None else (copy, *saved[1:])
+
+
 def _softplus_native_backward(ctx, grad: Tensor) -> Tensor:
     (x,) = ctx.saved_tensors
     return torch.ops.aten.softplus_backward(grad, x, ctx.beta, ctx.threshold)
@@ -421,7 +430,7 @@ class _Softplus(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         if not ctx.lean:
             return _softplus_native_backward(ctx, grad), None, None
-        y, linear, record = ctx.saved_tensors
+        y, linear, record = saved_with_output(ctx)
         return softplus_grad(grad, y, ctx.beta, ctx.threshold, linear, record), None, None
 
 
@@ -475,7 +484,7 @@ class _Sigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (y,) = ctx.saved_tensors
+        (y,) = saved_with_output(ctx)
         # The very kernel native autograd uses (dy * (1 - y) * y): bitwise equal to
         # native, complex-aware, and differentiable for double backward.
         return torch.ops.aten.sigmoid_backward(grad, y)
@@ -598,7 +607,7 @@ class _LogSigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        y, record = ctx.saved_tensors
+        y, record = saved_with_output(ctx)
         return logsigmoid_grad(grad, y, record)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import _define, _forward
+from .activations import _define, _forward, saved_with_output
 
 __all__ = ["hardtanh", "leaky_relu"]
 
@@ -55,7 +55,7 @@ class _Hardtanh(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (y,) = ctx.saved_tensors
+        (y,) = saved_with_output(ctx)
         return torch.ops.aten.hardtanh_backward(grad, y, *ctx.bounds), None, None
 
 
@@ -88,7 +88,7 @@ class _LeakyReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (y,) = ctx.saved_tensors
+        (y,) = saved_with_output(ctx)
         return torch.ops.aten.leaky_relu_backward(grad, y, ctx.negative_slope, True), None
 
 
