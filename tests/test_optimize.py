@@ -396,7 +396,7 @@ class Body(nn.Module):
 
 
 class UntypedBody(Body):
-    def forward(self, x):  # not annotated: tracing it alone could bake in a wrong assumption
+    def forward(self, x):  # not annotated: traced too; the guard runs its graph for tensor arguments only
         return torch.sigmoid(self.lin(x))
 
 
@@ -416,7 +416,8 @@ def test_untraceable_root_still_traces_tensor_only_submodules():
     model = Detector()
     with pytest.warns(UserWarning, match="root"):
         out = optimize(model)
-    assert [(r.where, r.lean_op) for r in out.rewrite_report.replaced] == [("body", "graph_rewrite.softplus")]
+    assert [(r.where, r.lean_op) for r in out.rewrite_report.replaced] == [("body", "graph_rewrite.softplus"),
+                                                                          ("untyped", "graph_rewrite.sigmoid")]
     assert type(out.body) is Body and "forward" not in model.body.__dict__  # class kept, original untouched
     x = torch.randn(3, 4, requires_grad=True)
     y, saved = None, []

@@ -23,7 +23,7 @@ from ..rules import Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
-from .runtime import run_under_mode, saved_tensors_hooks_in_effect
+from .runtime import in_checkpoint, run_under_mode, saved_tensors_hooks_in_effect
 
 __all__ = ["RewrittenModule"]
 
@@ -292,7 +292,8 @@ class _GuardedForward:
         return inspect.signature(type(self.module).forward.__get__(self.module))
 
     def __call__(self, *args, **kwargs):
-        if kwargs or len(args) != self.arity or not all(isinstance(a, torch.Tensor) for a in args):
+        if kwargs or len(args) != self.arity or not all(isinstance(a, torch.Tensor) for a in args) \
+                or in_checkpoint():  # calls in a checkpointed region stay native, as under the runtime mode
             return type(self.module).forward(self.module, *args, **kwargs)
         if self.gm.training != self.module.training:
             self.gm.train(self.module.training)  # picks the graph for the mode
@@ -629,10 +630,12 @@ def _build(root: nn.Module, graph: fx.Graph, graphs: Sequence[fx.Graph], constan
 
 
 def _tensor_arity(module: nn.Module) -> Optional[int]:
-    """How many arguments ``forward`` takes if each is a positional ``Tensor`` without default, else None.
+    """How many arguments ``forward`` takes if each is positional, without default, and
+    annotated ``Tensor`` or not at all; else None.
 
-    Only such modules are traced on their own: their code was written for tensors,
-    so a Proxy stands in for every argument faithfully.
+    Only such modules are traced on their own. The guard (:class:`_GuardedForward`) runs
+    the graph only for calls whose arguments are all tensors, so there a Proxy stood in for
+    each faithfully; an argument annotated otherwise (``int``, ``Optional``) says it may not be.
     """
     try:
         params = list(inspect.signature(type(module).forward).parameters.values())[1:]
@@ -640,7 +643,8 @@ def _tensor_arity(module: nn.Module) -> Optional[int]:
         return None
     tensor = (torch.Tensor, "Tensor", "torch.Tensor")
     ok = params and all(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty and p.annotation in tensor
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        and (p.annotation in tensor or p.annotation is p.empty)
         for p in params
     )
     return len(params) if ok else None

@@ -130,7 +130,7 @@ def inplace_ok(node: Node, modules: Mapping[str, nn.Module]) -> bool:
 
 
 # Rules whose native op keeps its output already: rewriting them frees nothing.
-_NATIVE_KEEPS_OUTPUT = {"sigmoid"}
+NATIVE_KEEPS_OUTPUT = {"sigmoid"}
 
 
 def _output_rules(rules: Sequence[Rule]) -> List[Rule]:
@@ -233,7 +233,7 @@ def rewrite_graph(
             if changed is not None:
                 raise ValueError(f"its output is changed in place by {describe(changed)}, and the lean op "
                                  "keeps its output for backward")
-            if rule.name not in _NATIVE_KEEPS_OUTPUT:  # (sigmoid's native op keeps its output too)
+            if rule.name not in NATIVE_KEEPS_OUTPUT:  # (sigmoid's native op keeps its output too)
                 _saves_something(node, x, modules)
         except ValueError as e:
             left_alone.append(LeftAlone(node.name, _where(node), original, str(e)))
@@ -242,7 +242,7 @@ def rewrite_graph(
         node.meta["graph_rewrite"] = {"was": original, "where": where}
         node.op, node.target = "call_function", rule.op
         node.args, node.kwargs = (x, *params.values()), {}
-        frees = "" if rule.name in _NATIVE_KEEPS_OUTPUT else x.name
+        frees = "" if rule.name in NATIVE_KEEPS_OUTPUT else x.name
         replaced.append(Replaced(node.name, where, original, lean_op_name(rule), params, frees=frees))
     graph.lint()
     return replaced, left_alone

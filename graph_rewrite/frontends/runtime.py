@@ -50,14 +50,46 @@ from torch.overrides import TorchFunctionMode
 
 from ..report import LeftAlone, Replaced, RewriteReport
 from ..rules import Rule, pattern_name, rules_for
-from .fx_pass import lean_op_name
+from .fx_pass import NATIVE_KEEPS_OUTPUT, lean_op_name
 
-__all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table", "saved_tensors_hooks_in_effect"]
+__all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table", "saved_tensors_hooks_in_effect", "in_checkpoint"]
 
 # Frames in these directories are torch's own (F.sigmoid, nn.Softplus.forward,
 # Module._call_impl): a call site is the first frame outside them.
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+# Kind "recompute" at run time. A consumer's input h whose autograd node is a recomputable
+# activation's, untouched since (version 0, not a view), tells everything the recompute op
+# needs: the node keeps the activation's input x (so x costs nothing more) and its arguments.
+_SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)
+
+
+def _recomputable(node: Any) -> Optional[Tuple[str, str, float]]:
+    """(rule name, recompute.ACTIVATIONS key, act_arg) of the activation that made a node, else None."""
+    kind = type(node).__name__
+    if kind == "GeluBackward0":
+        return ("gelu", "gelu_tanh" if node._saved_approximate == "tanh" else "gelu", 0.0)
+    if kind in ("SiluBackward0", "HardswishBackward0", "MishBackward0"):
+        name = kind[: -len("Backward0")].lower()
+        return (name, name, 0.0)
+    if kind == "CeluBackward0":
+        return ("celu", "celu", float(node._saved_alpha))
+    if kind == "EluBackward0" and node._saved_input_scale == 1:
+        alpha, scale = float(node._saved_alpha), float(node._saved_scale)
+        if scale == 1:
+            return ("elu", "elu", alpha)
+        if (alpha, scale) == _SELU:
+            return ("selu", "selu", 0.0)
+    return None
+
+
+def _consumer_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Any, str, frozenset]]:
+    """{F.linear: (the linear Consumer, its spelling, the recomputable activations' names)} when chosen."""
+    acts = frozenset(r.name for r in rules if r.kind == "recompute" and hasattr(r, "encode"))
+    linear = next((r for r in rules if r.kind == "recompute" and r.name == "linear"), None)
+    return {torch.nn.functional.linear: (linear, "F.linear", acts)} if linear is not None and acts else {}
 
 
 def runtime_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Rule, str, bool]]:
@@ -91,6 +123,12 @@ def saved_tensors_hooks_in_effect() -> Optional[Tuple[Any, Any]]:
     True
     """
     return torch._C._autograd._top_saved_tensors_default_hooks(True)
+
+
+def in_checkpoint() -> bool:
+    """Whether a non-reentrant ``torch.utils.checkpoint`` region is running (its hooks are in effect)."""
+    hooks = saved_tensors_hooks_in_effect()
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
 
 
 CHECKPOINTED = (
@@ -138,9 +176,9 @@ def _keep_before_change(t: Any) -> None:
 
     The lean op kept its output, which native never did: native kept the input, which the
     change leaves alone. A copy of the output (the input's size: native's bytes, no more)
-    gives backward the values native would use. A saved tensor with hooks skips the
-    version check; one that already has hooks (a ``saved_tensors_hooks`` context) is left,
-    and backward then raises as native's would for a changed saved tensor.
+    gives backward the values native would use. A saved tensor with hooks skips the version
+    check; one saved under a ``saved_tensors_hooks`` context has hooks already (and its unpack
+    would return the changed tensor unchecked): the node then keeps the copy itself.
     """
     if not isinstance(t, Tensor):
         return
@@ -148,11 +186,10 @@ def _keep_before_change(t: Any) -> None:
         node = getattr(cand, "grad_fn", None)
         if isinstance(node, _OUTPUT_NODES) and not getattr(node, "_graph_rewrite_copied", False):
             node._graph_rewrite_copied = True
-            for saved in node._raw_saved_tensors:
-                try:
-                    saved.register_hooks(torch.Tensor.clone, _same)
-                except RuntimeError:  # None, or hooks of a saved_tensors_hooks context already
-                    pass
+            try:  # the output is saved first; a hook makes it a copy, as it is now
+                node._raw_saved_tensors[0].register_hooks(torch.Tensor.clone, _same)
+            except RuntimeError:  # saved under a saved_tensors_hooks context: the op's backward reads this copy
+                node.output_copy = cand.detach().clone()
 
 
 def _same(t: Tensor) -> Tensor:
@@ -196,6 +233,8 @@ class LeanFunctionMode(TorchFunctionMode):
         super().__init__()
         self.rules = tuple(rules)
         self.table = runtime_table(rules)
+        self.consumers = _consumer_table(rules)
+        self.table.update({f: (None, spelling, False) for f, (_, spelling, _) in self.consumers.items()})
         self.report, self.owner, self.prefix = report, owner, prefix
         # (site, spelling, outcome): each recorded once, also across copies of the report.
         self._seen = {(r.site, r.original, "replaced") for r in report.replaced if r.site}
@@ -227,6 +266,8 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         rule, spelling, inplace = entry
+        if rule is None:
+            return self._consumer(func, args, kwargs)
         if inplace:
             self._left_alone(spelling, "in-place: rewriting would drop the mutation of its input")
             return func(*args, **kwargs)
@@ -237,7 +278,7 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return func(*args, **kwargs)  # no graph: nothing is saved, native gives the same values
-        if x.grad_fn is None:
+        if x.grad_fn is None and rule.name not in NATIVE_KEEPS_OUTPUT:
             # A leaf (the model's input, a weight): the caller holds it anyway, so keeping the
             # output instead would add bytes, not free them.
             self._left_alone(spelling, "its input is a leaf tensor (an input or a weight), held by the caller anyway")
@@ -247,6 +288,26 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         self._record(rule, spelling, params)
         return rule.op(x, *params.values())
+
+    def _consumer(self, func, args: tuple, kwargs: dict):
+        """``F.linear(h, weight, bias)`` where h is a recomputable activation's fresh output: the
+        recompute op, which keeps the activation's input (kept by its node anyway), not h."""
+        consumer, spelling, acts = self.consumers[func]
+        named = dict(zip(("input", "weight", "bias"), args), **kwargs)  # F.linear has no inspectable signature
+        h, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
+        found = None
+        if (torch.is_grad_enabled() and isinstance(h, Tensor) and isinstance(weight, Tensor)
+                and h._version == 0 and h._base is None and h.grad_fn is not None):
+            found = _recomputable(h.grad_fn)
+        if found is None or found[0] not in acts:
+            return func(*args, **kwargs)
+        if self._entry_hooks and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]:
+            return func(*args, **kwargs)  # a checkpointed region: reading the node's saved x would unpack it
+        name, act, act_arg = found
+        x = h.grad_fn._saved_self
+        self._record(consumer, spelling, {"act_arg": act_arg} if act_arg else {}, kind="recompute",
+                     detail=f"recomputes {act} from its input")
+        return consumer.op(x, h, act, weight, bias, act_arg=act_arg)
 
     @staticmethod
     def _read_args(rule: Rule, args: tuple, kwargs: dict) -> Tuple[Tensor, Dict[str, float]]:
@@ -258,14 +319,16 @@ class LeanFunctionMode(TorchFunctionMode):
             raise ValueError(f"input is not a floating-point tensor ({getattr(x, 'dtype', type(x).__name__)})")
         return x, params
 
-    def _record(self, rule: Rule, spelling: str, params: Dict[str, float]) -> None:
+    def _record(self, rule: Any, spelling: str, params: Dict[str, float], kind: str = "output",
+                detail: str = "") -> None:
         site, frame = _call_site()
         key = (site, spelling, "replaced")
         if key in self._seen:
             return
         self._seen.add(key)
+        op = lean_op_name(rule) if kind == "output" else f"graph_rewrite.recompute_{rule.name}"
         self.report.replaced.append(
-            Replaced("-", self._module_path(frame), spelling, lean_op_name(rule), params, site=site)
+            Replaced("-", self._module_path(frame), spelling, op, params, site=site, kind=kind, detail=detail)
         )
 
     def _left_alone(self, spelling: str, reason: str) -> None:
