@@ -23,6 +23,14 @@ def _llama():
     return transformers.LlamaForCausalLM(config), lambda out: out.logits
 
 
+def _decoder(config, model):
+    def build():
+        cfg = getattr(transformers, config)(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4, head_dim=16, use_cache=False)
+        return getattr(transformers, model)(cfg), lambda out: out.logits
+    return build
+
+
 def _bert():
     config = transformers.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                      num_attention_heads=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -43,11 +51,14 @@ def _grads(model, ids, pick):
 
 
 @pytest.mark.parametrize("build,least,kinds", [
-    # LlamaMLP (unannotated forward) traced on its own: its gated product and down_proj recompute SiLU.
-    (_llama, 20.0, {"recompute"}),
+    # LlamaMLP (unannotated forward) traced on its own: its gated product and down_proj recompute
+    # SiLU; the hand-written RMSNorms keep their input only and run again in backward.
+    (_llama, 30.0, {"recompute"}),
+    (_decoder("Qwen2Config", "Qwen2ForCausalLM"), 30.0, {"recompute"}),
+    (_decoder("GemmaConfig", "GemmaForCausalLM"), 27.0, {"recompute"}),  # (1 + weight), cast after
     # BertIntermediate's GELU and BertOutput's Linear are siblings: the runtime front end links them.
     (_bert, 20.0, {"recompute"}),
-], ids=["llama", "bert"])
+], ids=["llama", "qwen2", "gemma", "bert"])
 def test_recompute_reaches_models_fx_cannot_trace_whole(build, least, kinds):
     torch.manual_seed(0)
     model, pick = build()
@@ -122,3 +133,58 @@ def test_runtime_linear_after_an_activation_in_another_module(act_then):
         assert recomputed == 1 and after < before
     else:  # a changed h or a view of it: the Linear keeps h, as native does
         assert recomputed == 0 and after == before
+
+
+class HandRMSNorm(nn.Module):
+    """LLaMA's spelling: float32 statistics, the weight applied after the cast back."""
+
+    def __init__(self, n, extra=False):
+        super().__init__()
+        self.weight, self.extra = nn.Parameter(torch.rand(n) + 0.5), extra
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if self.extra:
+            h = torch.exp(h)  # not in the cheap list: the module stays as it is
+        return self.weight * h.to(dtype)
+
+
+class NormThenLinear(nn.Module):
+    def __init__(self, extra=False):
+        super().__init__()
+        self.norm, self.fc = HandRMSNorm(16, extra), nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.sum() > 1e30:  # data-dependent: FX cannot trace the root
+            return x
+        return self.fc(self.norm(x * 2))
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_hand_written_norm_keeps_its_input_only(extra):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = NormThenLinear(extra).double()
+    lean = graph_rewrite.optimize(model)
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
+    after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])
+    counts = lean.rewrite_report.counts()
+    if extra:
+        assert "torch.utils.checkpoint" not in counts and after == before
+    else:
+        assert counts == {"torch.utils.checkpoint": 1} and after < before
+    for twin in (lean, copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
+        grads = []
+        for m in (model, twin):
+            y = m(x)
+            y.pow(2).sum().backward()
+            grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        assert all(torch.equal(a, b) for a, b in zip(grads[0][2], grads[1][2]))

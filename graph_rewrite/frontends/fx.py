@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import fx
 
-from ..report import Respelled, RewriteReport, Uncovered
+from ..report import Replaced, Respelled, RewriteReport, Uncovered
 from ..rules import Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
@@ -650,6 +650,44 @@ def _tensor_arity(module: nn.Module) -> Optional[int]:
     return len(params) if ok else None
 
 
+# Cheap enough to run twice: elementwise ops, casts and row reductions (what RMSNorm spellings use).
+_CHEAP_METHODS = {"to", "float", "half", "bfloat16", "type", "type_as", "pow", "mean", "rsqrt", "sqrt", "mul", "add",
+                  "sub", "div", "neg", "reciprocal"}
+_CHEAP_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, operator.neg, torch.rsqrt,
+                    torch.sqrt, torch.mean, torch.pow, torch.mul, torch.add, getattr}
+
+
+def _cheap(graph: fx.Graph) -> bool:
+    """Whether ``graph`` is a module made of cheap ops on one input and its own parameters,
+    with a reduction in it (a norm): running it again in backward costs little and keeps
+    its intermediates (and casts) out of memory."""
+    ops = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    if sum(n.op == "placeholder" for n in graph.nodes) != 1 or not ops:
+        return False
+    reduces = any(n.target in ("mean", torch.mean) for n in ops)
+    return reduces and all(
+        (n.op == "call_method" and n.target in _CHEAP_METHODS)
+        or (n.op == "call_function" and n.target in _CHEAP_FUNCTIONS) for n in ops)
+
+
+class _RecomputedForward:
+    """``forward`` of a cheap module: under ``torch.utils.checkpoint`` (non-reentrant), which keeps
+    its input and runs the same ops again in backward, so gradients are native's bit for bit."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+    def __call__(self, *args, **kwargs):
+        forward = type(self.module).forward.__get__(self.module)
+        if not torch.is_grad_enabled() or in_checkpoint():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport) -> bool:
     """Trace a submodule of untraceable code by itself and, if that rewrites something, run it.
 
@@ -667,6 +705,12 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     sub = RewriteReport()
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
     if not sub.replaced and not sub.spellings:
+        if any(r.kind == "recompute" for r in rules) and not reasons and all(_cheap(g) for g in graphs.values()):
+            # A hand-written norm (LLaMA's RMSNorm): keep its input only, run it again in backward.
+            child.forward = _RecomputedForward(child)
+            report.replaced.append(Replaced("-", path or "<root>", type(child).__name__, "torch.utils.checkpoint",
+                                            {}, kind="recompute", detail="keeps its input only; its cheap "
+                                            "elementwise forward runs again in backward"))
         return True  # traced: nothing to rewrite in it, nothing left to search
     child.forward = _GuardedForward(child, gm, arity)
     for rec in sub.replaced:
