@@ -70,7 +70,7 @@ def test_hf_mamba_report_names_the_mixer_and_the_source_line():
         warnings.simplefilter("ignore")
         lean = graph_rewrite.optimize(model)
     lean(ids).logits.sum().backward()
-    (rec,) = lean.rewrite_report.replaced
+    (rec,) = [r for r in lean.rewrite_report.replaced if r.kind == "output"]  # the RMSNorms are kind recompute
     assert rec.where == "backbone.layers.0.mixer" and rec.original == "F.softplus"
     path, line = rec.site.rsplit(":", 1)
     assert path.endswith("modeling_mamba.py") and "softplus" in open(path).readlines()[int(line) - 1]

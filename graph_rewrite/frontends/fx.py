@@ -1,6 +1,7 @@
 """The FX front end: trace with torch.fx, rewrite activations, keep the model's structure."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -671,8 +672,8 @@ def _cheap(graph: fx.Graph) -> bool:
 
 
 class _RecomputedForward:
-    """``forward`` of a cheap module: under ``torch.utils.checkpoint`` (non-reentrant), which keeps
-    its input and runs the same ops again in backward, so gradients are native's bit for bit."""
+    """``forward`` of a cheap module: :class:`_Recompute` keeps its input only and runs the
+    same ops again in backward, so gradients are native's bit for bit."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -683,9 +684,43 @@ class _RecomputedForward:
 
     def __call__(self, *args, **kwargs):
         forward = type(self.module).forward.__get__(self.module)
-        if not torch.is_grad_enabled() or in_checkpoint():
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor)) or in_checkpoint() \
+                or torch._C._are_functorch_transforms_active():
             return forward(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        params = tuple(p for p in self.module.parameters() if p.requires_grad)
+        if not (x.requires_grad or params):
+            return forward(x)
+        return _Recompute.apply(forward, x, *params)
+
+
+class _Recompute(torch.autograd.Function):
+    """``forward(x)`` that keeps ``x`` alone, and in backward runs ``forward`` again on it with
+    autograd on: the same ops on the same values, so the same gradients, for x and the module's
+    parameters (passed in so that their gradients flow). Lighter than ``torch.utils.checkpoint``:
+    the ops are cheap and draw no random numbers, so there is no RNG state to keep."""
+
+    @staticmethod
+    def forward(ctx, forward, x, *params):
+        ctx.forward, ctx.n = forward, len(params)
+        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        ctx.save_for_backward(x)
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
+        xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        inputs = ((xd,) if xd.requires_grad else ()) + params
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for device, enabled, dtype in ctx.autocast:  # run it as forward ran it
+                if enabled:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+            y = ctx.forward(xd)
+        grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True))
+        gx = grads.pop(0) if xd.requires_grad else None
+        return (None, gx, *grads)
 
 
 def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport) -> bool:
@@ -708,7 +743,7 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
         if any(r.kind == "recompute" for r in rules) and not reasons and all(_cheap(g) for g in graphs.values()):
             # A hand-written norm (LLaMA's RMSNorm): keep its input only, run it again in backward.
             child.forward = _RecomputedForward(child)
-            report.replaced.append(Replaced("-", path or "<root>", type(child).__name__, "torch.utils.checkpoint",
+            report.replaced.append(Replaced(path or "<root>", path or "<root>", type(child).__name__, "graph_rewrite.recompute_module",
                                             {}, kind="recompute", detail="keeps its input only; its cheap "
                                             "elementwise forward runs again in backward"))
         return True  # traced: nothing to rewrite in it, nothing left to search
