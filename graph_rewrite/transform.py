@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .frontends.fx import (
-    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, _trace_on_its_own,
+    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, trace_children,
     _warn_uncovered,
 )
 from .frontends.runtime import run_under_mode
@@ -91,7 +91,6 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         return scripted
     root = _clone_tree(model)
     report = RewriteReport()
-    traced: list = []
     try:
         if "forward" in model.__dict__:
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
@@ -101,12 +100,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         # get graphs, and the copy's forward runs under the runtime front end, which
         # reaches every other call as it happens.
         report = RewriteReport("root not traced: runtime front end", uncovered=[Uncovered("", str(e))])
-        for path, child in root.named_modules():
-            # torch's own modules hold no code worth a graph of its own: the mode reaches them.
-            if path and not type(child).__module__.startswith("torch.") \
-                    and not any(path.startswith(p + ".") for p in traced):
-                if _trace_on_its_own(child, path, rules, report):
-                    traced.append(path)
+        trace_children(root, "", rules, report)
         run_under_mode(root, rules, report)
         _note_fx_only(report, rules, "the runtime front end (code outside the FX graphs)")
         _warn_uncovered(report)

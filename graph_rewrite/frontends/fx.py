@@ -757,6 +757,21 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     return True
 
 
+def trace_children(module: nn.Module, prefix: str, rules: Sequence[Rule], report: RewriteReport) -> None:
+    """Trace each submodule of ``module`` (code FX could not trace) on its own where it can be.
+
+    Its own code runs under the runtime front end; submodules with a graph get the rules
+    that need one (kind "recompute") there. ``prefix`` is ``module``'s path in the model.
+    """
+    traced: List[str] = []
+    for path, child in module.named_modules():
+        # torch's own modules hold no code worth a graph of its own: the mode reaches them.
+        if path and not type(child).__module__.startswith("torch.") \
+                and not any(path.startswith(p + ".") for p in traced):
+            if _trace_on_its_own(child, _join(prefix, path) if prefix else path, rules, report):
+                traced.append(path)
+
+
 def _join(prefix: str, path: str) -> str:
     return prefix if path in ("", "<root>") else f"{prefix}.{path}"
 
@@ -800,7 +815,9 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
         codes[mode] = code_of[id(graph)]
     _refuse_hooks_on_dropped(unique, calls_before, modules, prefix)
     for path in sorted(reasons):
-        run_under_mode(modules[path], rules, runtime_report or report, _join(prefix, path) if prefix else path)
+        full = _join(prefix, path) if prefix else path
+        trace_children(modules[path], full, rules, runtime_report or report)
+        run_under_mode(modules[path], rules, runtime_report or report, full)
         report.uncovered.append(Uncovered(path, reasons[path]))
     if reasons:
         report.tracing = f"partial: {len(reasons)} module(s) run under the runtime front end"
