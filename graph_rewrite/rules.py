@@ -18,6 +18,7 @@ Kinds of rule (``rule.kind``):
   Hardswish, ..., and LayerNorm) and the layers after it (:class:`Consumer`: Linear, Conv,
   mul) that keep the activation's input instead of its output and recompute the output in
   backward.
+  A :class:`CheapModule` (hand-written RMSNorm) keeps its input only and runs again in backward.
 * ``"norm"`` (:class:`Norm`): a BatchNorm whose output only feeds a recomputable activation;
   the activation (and its consumers) keep BatchNorm's input instead, and recompute
   BatchNorm's output in backward.
@@ -40,7 +41,7 @@ from . import ops as _ops  # noqa: F401  (registers torch.ops.graph_rewrite.*)
 
 Pattern = Union[type, Callable[..., Any], str]
 
-__all__ = ["Rule", "Recomputable", "Consumer", "Norm", "RULES", "KINDS", "Pattern", "is_match", "pattern_name",
+__all__ = ["Rule", "Recomputable", "Consumer", "Norm", "CheapModule", "RULES", "KINDS", "Pattern", "is_match", "pattern_name",
            "rules_for", "has_hooks", "module_call_input"]
 
 
@@ -186,6 +187,25 @@ class Norm:
     op: Any
     patterns: Tuple[Pattern, ...]
     read: Callable[[Node, Mapping[str, nn.Module]], Tuple[Node, Tuple[Any, ...]]]
+
+
+@dataclass(frozen=True)
+class CheapModule:
+    """A submodule made of cheap ops on its one input and its parameters, with a row reduction
+    (kind ``"recompute"``): hand-written RMSNorm. It keeps its input only and runs the same ops
+    again in backward (``graph_rewrite.recompute_module``), where native keeps every intermediate.
+
+    name:       what ``optimize(model, ops=[...])`` calls it.
+    methods:    the ``Tensor`` methods its graph may call.
+    functions:  the functions its graph may call.
+    reductions: at least one of these must be among them (what makes it a norm).
+    """
+
+    name: str
+    kind: ClassVar[str] = "recompute"
+    methods: frozenset
+    functions: frozenset
+    reductions: frozenset
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -399,6 +419,13 @@ RULES: Tuple[Any, ...] = (
     Consumer("mul", torch.ops.graph_rewrite.recompute_mul, (operator.mul, torch.mul, "mul"), _read_mul),
     Norm("batch_norm", torch.ops.graph_rewrite.norm_act,
          (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm), _read_batch_norm),
+    # LLaMA's, Qwen2's, Mistral's, Gemma's RMSNorm: casts, pow, a mean, rsqrt, products.
+    CheapModule("cheap_norm",
+                methods=frozenset({"to", "float", "half", "bfloat16", "type", "type_as", "pow", "mean", "rsqrt",
+                                   "sqrt", "mul", "add", "sub", "div", "neg", "reciprocal"}),
+                functions=frozenset({operator.add, operator.mul, operator.sub, operator.truediv, operator.neg,
+                                     torch.rsqrt, torch.sqrt, torch.mean, torch.pow, torch.mul, torch.add, getattr}),
+                reductions=frozenset({"mean", torch.mean})),
 )
 
 KINDS = ("output", "recompute", "norm")

@@ -188,3 +188,11 @@ def test_hand_written_norm_keeps_its_input_only(extra):
             x.grad = None
         assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
         assert all(torch.equal(a, b) for a, b in zip(grads[0][2], grads[1][2]))
+
+
+def test_cheap_norm_is_one_rule_a_user_can_leave_out():
+    model = NormThenLinear().double()
+    without = [r.name for r in graph_rewrite.RULES if r.name != "cheap_norm"]
+    assert graph_rewrite.optimize(model, ops=without).rewrite_report.counts() == {}
+    assert graph_rewrite.optimize(model, ops=["cheap_norm"]).rewrite_report.counts() == {
+        "graph_rewrite.recompute_module": 1}

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import fx
 
 from ..report import Replaced, Respelled, RewriteReport, Uncovered
-from ..rules import Rule, pattern_name
+from ..rules import CheapModule, Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_recompute
@@ -651,24 +651,16 @@ def _tensor_arity(module: nn.Module) -> Optional[int]:
     return len(params) if ok else None
 
 
-# Cheap enough to run twice: elementwise ops, casts and row reductions (what RMSNorm spellings use).
-_CHEAP_METHODS = {"to", "float", "half", "bfloat16", "type", "type_as", "pow", "mean", "rsqrt", "sqrt", "mul", "add",
-                  "sub", "div", "neg", "reciprocal"}
-_CHEAP_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, operator.neg, torch.rsqrt,
-                    torch.sqrt, torch.mean, torch.pow, torch.mul, torch.add, getattr}
-
-
-def _cheap(graph: fx.Graph) -> bool:
-    """Whether ``graph`` is a module made of cheap ops on one input and its own parameters,
-    with a reduction in it (a norm): running it again in backward costs little and keeps
-    its intermediates (and casts) out of memory."""
+def _cheap(graph: fx.Graph, rule: CheapModule) -> bool:
+    """Whether ``graph`` is what ``rule`` describes: one input, cheap ops on it and the module's
+    parameters, a reduction among them. Running it again in backward costs little and keeps its
+    intermediates (and casts) out of memory."""
     ops = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     if sum(n.op == "placeholder" for n in graph.nodes) != 1 or not ops:
         return False
-    reduces = any(n.target in ("mean", torch.mean) for n in ops)
-    return reduces and all(
-        (n.op == "call_method" and n.target in _CHEAP_METHODS)
-        or (n.op == "call_function" and n.target in _CHEAP_FUNCTIONS) for n in ops)
+    return any(n.target in rule.reductions for n in ops) and all(
+        (n.op == "call_method" and n.target in rule.methods)
+        or (n.op == "call_function" and n.target in rule.functions) for n in ops)
 
 
 class _RecomputedForward:
@@ -740,7 +732,8 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     sub = RewriteReport()
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
     if not sub.replaced and not sub.spellings:
-        if any(r.kind == "recompute" for r in rules) and not reasons and all(_cheap(g) for g in graphs.values()):
+        cheap = next((r for r in rules if isinstance(r, CheapModule)), None)
+        if cheap is not None and not reasons and all(_cheap(g, cheap) for g in graphs.values()):
             # A hand-written norm (LLaMA's RMSNorm): keep its input only, run it again in backward.
             child.forward = _RecomputedForward(child)
             report.replaced.append(Replaced(path or "<root>", path or "<root>", type(child).__name__, "graph_rewrite.recompute_module",

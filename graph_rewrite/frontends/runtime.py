@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..report import LeftAlone, Replaced, RewriteReport
-from ..rules import Rule, pattern_name, rules_for
+from ..rules import Recomputable, Rule, pattern_name, rules_for
 from .fx_pass import NATIVE_KEEPS_OUTPUT, lean_op_name
 
 __all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table", "saved_tensors_hooks_in_effect", "in_checkpoint"]
@@ -87,7 +87,7 @@ def _recomputable(node: Any) -> Optional[Tuple[str, str, float]]:
 
 def _consumer_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Any, str, frozenset]]:
     """{F.linear: (the linear Consumer, its spelling, the recomputable activations' names)} when chosen."""
-    acts = frozenset(r.name for r in rules if r.kind == "recompute" and hasattr(r, "encode"))
+    acts = frozenset(r.name for r in rules if isinstance(r, Recomputable))
     linear = next((r for r in rules if r.kind == "recompute" and r.name == "linear"), None)
     return {torch.nn.functional.linear: (linear, "F.linear", acts)} if linear is not None and acts else {}
 
