@@ -122,13 +122,20 @@ def held(model, call) -> int:
     return n
 
 
-def measure(key: str) -> List[str]:
+def build_optimized(key: str) -> Tuple[Any, Any, Callable, str]:
+    """(model in train mode, its optimized copy, call, description), seeded."""
     torch.manual_seed(0)
     model, call, what = MODELS[key]()
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lean = graph_rewrite.optimize(model)
+        return model, graph_rewrite.optimize(model), call, what
+
+
+def measure(key: str) -> List[str]:
+    model, lean, call, what = build_optimized(key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         before, after = held(model, call), held(lean, call)
         kinds = lean.rewrite_report.counts_by_kind()
         torch.manual_seed(0)
@@ -152,12 +159,7 @@ def _verify(model, lean, call) -> str:
 
 
 def step_ratio(key: str, pairs: int) -> List[str]:
-    torch.manual_seed(0)
-    model, call, what = MODELS[key]()
-    model.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lean = graph_rewrite.optimize(model)
+    model, lean, call, what = build_optimized(key)
 
     def step(m) -> float:
         t = time.perf_counter()

@@ -37,6 +37,19 @@ def _bert():
     return transformers.BertModel(config), lambda out: out.last_hidden_state
 
 
+def _assert_same_steps(model, other, x):
+    """One forward and backward each on ``x``: outputs, input and parameter gradients bit for bit."""
+    steps = []
+    for m in (model, other):
+        y = m(x)
+        y.pow(2).sum().backward()
+        steps.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+    assert torch.equal(steps[0][0], steps[1][0]) and torch.equal(steps[0][1], steps[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(steps[0][2], steps[1][2]))
+
+
 def _held(model, ids, pick):
     n, _ = saved_bytes(lambda: pick(model(input_ids=ids)), exclude=[*model.parameters(), *model.buffers(), ids])
     return n
@@ -119,15 +132,7 @@ def test_runtime_linear_after_an_activation_in_another_module(act_then):
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
     after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])
-    outs = []
-    for m in (model, lean):
-        y = m(x)
-        y.pow(2).sum().backward()
-        outs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
-        m.zero_grad(set_to_none=True)
-        x.grad = None
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+    _assert_same_steps(model, lean, x)
     recomputed = lean.rewrite_report.counts().get("graph_rewrite.recompute_linear", 0)
     if act_then == "plain":
         assert recomputed == 1 and after < before
@@ -179,15 +184,7 @@ def test_hand_written_norm_keeps_its_input_only(extra):
     else:
         assert counts == {"graph_rewrite.recompute_module": 1} and after < before
     for twin in (lean, copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
-        grads = []
-        for m in (model, twin):
-            y = m(x)
-            y.pow(2).sum().backward()
-            grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in m.parameters()]))
-            m.zero_grad(set_to_none=True)
-            x.grad = None
-        assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
-        assert all(torch.equal(a, b) for a, b in zip(grads[0][2], grads[1][2]))
+        _assert_same_steps(model, twin, x)
 
 
 def test_cheap_norm_is_one_rule_a_user_can_leave_out():
