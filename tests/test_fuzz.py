@@ -227,6 +227,8 @@ def test_random_models_match_native(steps, train, seed):
     # ... and an in-place change of a lean output while saved_tensors_hooks are active.
     [("linear",), ("act", "hardtanh", "module"), ("untraceable",), ("act", "celu", "module_inplace")],
     [("linear",), ("act", "leaky_relu", "module"), ("untraceable",), ("mutate", "add_")],
+    # ... and an output that only views of it reach, and nothing keeps.
+    [("linear",), ("act", "softplus", "module"), ("view", "reshape"), ("residual", False)],
 ])
 def test_known_cases(steps):
     # Shapes the fuzzer found or that the rules single out, run every time.

@@ -189,11 +189,15 @@ def _saves_something(node: Node, x: Node, modules: Mapping[str, nn.Module]) -> N
     Native keeps ``x``; the lean op keeps the output. That frees ``x`` only if no other
     use keeps it, and costs nothing only if a use keeps the output anyway (or may).
     """
-    from .fx_recompute import _keeps_nothing  # the same judgement of a use as kind "recompute"
+    from .fx_recompute import _is_alias, _is_view, _keeps_nothing  # kind "recompute"'s judgement of a use
+
+    def may_keep(value: Node) -> bool:  # some use, or a use of a view of it, may keep it
+        return any(may_keep(u) if _is_view(u, modules) or _is_alias(u, modules) else
+                   not _keeps_nothing(u, value, modules) for u in value.users)
 
     if x.op in ("placeholder", "get_attr"):
         raise ValueError("its input is the graph's input or a weight, held by the caller anyway")
-    if all(_keeps_nothing(user, node, modules) for user in node.users):
+    if not may_keep(node):
         raise ValueError("no use keeps its output, so keeping it instead of its input saves nothing")
     other = next((u for u in x.users if u is not node and not _keeps_nothing(u, x, modules)), None)
     if other is not None:
