@@ -193,3 +193,28 @@ def test_cheap_norm_is_one_rule_a_user_can_leave_out():
     assert graph_rewrite.optimize(model, ops=without).rewrite_report.counts() == {}
     assert graph_rewrite.optimize(model, ops=["cheap_norm"]).rewrite_report.counts() == {
         "graph_rewrite.recompute_module": 1}
+
+
+@pytest.mark.parametrize("name,least", [("efficientnet_b0", 50.0), ("mobilenetv3_large_100", 25.0)])
+def test_timm_batchnorm_act_sees_through_its_identity(name, least):
+    # timm's BatchNormAct2d: F.batch_norm -> self.drop (nn.Identity) -> in-place SiLU / Hardswish.
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0).double().train()
+    lean = graph_rewrite.optimize(model)
+    assert "norm" in lean.rewrite_report.counts_by_kind()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    exclude = [*model.parameters(), *model.buffers(), x]
+    before, _ = saved_bytes(lambda: model(x), exclude=exclude)
+    after, _ = saved_bytes(lambda: lean(x), exclude=exclude)
+    assert 100 * (before - after) / before >= least, (before, after)
+    _assert_same_steps(model, lean, x)
+    # BatchNorm's running statistics: one step on a twin of the model and one on its copy, alike.
+    import copy
+
+    twin = copy.deepcopy(model)
+    lean_of_twin = graph_rewrite.optimize(twin)
+    model(x).sum().backward()
+    lean_of_twin(x).sum().backward()
+    pairs = list(zip(model.buffers(), twin.buffers()))
+    assert pairs and all(torch.equal(a, b) for a, b in pairs)

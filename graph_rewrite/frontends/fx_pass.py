@@ -13,7 +13,7 @@ from torch.fx import Graph, Node
 from ..report import LeftAlone, Replaced
 from ..rules import RULES, Pattern, Rule, has_hooks, is_match, module_call_input, pattern_name
 
-__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok", "mutates", "mutating_use", "describe"]
+__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok", "behind_aliases", "mutates", "mutating_use", "describe"]
 
 
 def lean_op_name(rule: Rule) -> str:
@@ -112,6 +112,16 @@ _FRESH_FUNCTIONS = (operator.add, operator.sub, operator.mul, torch.add, torch.s
                     F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.layer_norm, F.group_norm)
 
 
+def behind_aliases(x: Node, modules: Mapping[str, nn.Module]) -> Node:
+    """The value ``x`` is, past calls that return their input itself and have no other use
+    (``nn.Identity``, ``Dropout(p=0)``: timm's ``BatchNormAct2d`` puts one between its
+    BatchNorm and its in-place activation)."""
+    while _is_alias_module(x, modules) and type(modules[x.target]) is not nn.Flatten and x.args \
+            and isinstance(x.args[0], Node) and len(x.args[0].users) == 1 and not has_hooks(modules[x.target]):
+        x = x.args[0]
+    return x
+
+
 def inplace_ok(node: Node, modules: Mapping[str, nn.Module]) -> bool:
     """Whether the in-place activation ``node`` may run out of place: its input is a fresh
     tensor (not a view, input or buffer) that nothing else in the graph reads.
@@ -122,6 +132,7 @@ def inplace_ok(node: Node, modules: Mapping[str, nn.Module]) -> bool:
     x = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
     if not isinstance(x, Node) or len(x.users) != 1:
         return False
+    x = behind_aliases(x, modules)
     if x.op == "call_module":
         return isinstance(modules.get(x.target), _FRESH_MODULES)
     if x.op == "call_method":

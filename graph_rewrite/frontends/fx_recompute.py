@@ -33,7 +33,7 @@ from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
 from ..rules import Attr, Consumer, Norm, Recomputable, is_match, pattern_name
-from .fx_pass import VIEW_FUNCTIONS, VIEW_METHODS, _where, describe, has_hooks, inplace_ok, module_call_input, mutates, mutating_use
+from .fx_pass import VIEW_FUNCTIONS, VIEW_METHODS, _where, behind_aliases, describe, has_hooks, inplace_ok, module_call_input, mutates, mutating_use
 
 __all__ = ["rewrite_recompute"]
 
@@ -288,17 +288,18 @@ def _norm_before(act_node: Node, x: Node, norms: Sequence[Norm], modules,
                  left_alone: List[LeftAlone]) -> Optional[Tuple[Norm, Any, Node, tuple]]:
     """(rule, pattern, z, op args) when ``x``, the activation's input, is a BatchNorm's output
     used by this activation alone; None otherwise (a refusal is reported)."""
-    found = next(((r, p) for r in norms for p in r.patterns if is_match(x, p, modules)), None)
+    norm = behind_aliases(x, modules) if len(x.users) == 1 else x  # timm: BatchNorm -> Identity -> activation
+    found = next(((r, p) for r in norms for p in r.patterns if is_match(norm, p, modules)), None)
     if found is None:
         return None
     rule, pattern = found
     try:
-        if list(x.users) != [act_node]:
+        if len(norm.users) != 1 or list(x.users) != [act_node]:
             raise ValueError("its output has other uses, which keep it")
-        z, args = rule.read(x, modules)
-        _not_changed_later(z, x, modules, "its input")
+        z, args = rule.read(norm, modules)
+        _not_changed_later(z, norm, modules, "its input")
     except ValueError as e:
-        left_alone.append(LeftAlone(x.name, _where(x), pattern_name(pattern), f"norm: {e}"))
+        left_alone.append(LeftAlone(norm.name, _where(norm), pattern_name(pattern), f"norm: {e}"))
         return None
     return rule, pattern, z, args
 
