@@ -280,22 +280,33 @@ def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str
     return res
 
 
-class _GuardedForward:
-    """``forward`` of a submodule traced on its own: the rewritten graph for calls with
-    exactly its tensors, the class's own forward for anything else. A class, not a
-    closure, so the model still pickles and deep-copies."""
+class _ModuleForward:
+    """A ``forward`` set on the copy's instance of a module, with that module's own signature.
+    A class, not a closure, so the model still pickles and deep-copies."""
 
-    def __init__(self, module: nn.Module, gm: "RewrittenModule", arity: int) -> None:
-        self.module, self.gm, self.arity = module, gm, arity
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return inspect.signature(type(self.module).forward.__get__(self.module))
+        return inspect.signature(self.own_forward())
+
+    def own_forward(self):
+        return type(self.module).forward.__get__(self.module)
+
+
+class _GuardedForward(_ModuleForward):
+    """``forward`` of a submodule traced on its own: the rewritten graph for calls with
+    exactly its tensors, the class's own forward for anything else."""
+
+    def __init__(self, module: nn.Module, gm: "RewrittenModule", arity: int) -> None:
+        super().__init__(module)
+        self.gm, self.arity = gm, arity
 
     def __call__(self, *args, **kwargs):
         if kwargs or len(args) != self.arity or not all(isinstance(a, torch.Tensor) for a in args) \
                 or in_checkpoint():  # calls in a checkpointed region stay native, as under the runtime mode
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return self.own_forward()(*args, **kwargs)
         if self.gm.training != self.module.training:
             self.gm.train(self.module.training)  # picks the graph for the mode
         return self.gm(*args)
@@ -398,7 +409,7 @@ _CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 CHECKPOINT_KEPT = "torch.utils.checkpoint in forward: kept checkpointed under the runtime front end (FX would inline it)"
 
 
-def _in_checkpoint() -> bool:
+def _checkpoint_on_stack() -> bool:
     """Whether a frame of ``torch.utils.checkpoint`` is on the Python stack (read only when tracing fails)."""
     frame = sys._getframe(1)
     while frame is not None:
@@ -410,7 +421,7 @@ def _in_checkpoint() -> bool:
 
 def _context_changed(before: Tuple[object, ...], now: Tuple[object, ...]) -> ContextNotRecorded:
     """The error for a call recorded under another context than the trace began with, saying which."""
-    if _in_checkpoint():  # reentrant checkpoint runs its region under no_grad, the other one under hooks
+    if _checkpoint_on_stack():  # reentrant checkpoint runs its region under no_grad, the other one under hooks
         return ContextNotRecorded(CHECKPOINT_KEPT)
     if before[:-1] == now[:-1]:  # only the hooks (the last entry) differ: save_on_cpu, hooks of one's own
         return ContextNotRecorded("saved-tensor hooks pushed inside forward (FX records no hooks)")
@@ -663,19 +674,12 @@ def _cheap(graph: fx.Graph, rule: CheapModule) -> bool:
         or (n.op == "call_function" and n.target in rule.functions) for n in ops)
 
 
-class _RecomputedForward:
+class _RecomputedForward(_ModuleForward):
     """``forward`` of a cheap module: :class:`_Recompute` keeps its input only and runs the
     same ops again in backward, so gradients are native's bit for bit."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        return inspect.signature(type(self.module).forward.__get__(self.module))
-
     def __call__(self, *args, **kwargs):
-        forward = type(self.module).forward.__get__(self.module)
+        forward = self.own_forward()
         x = args[0] if len(args) == 1 and not kwargs else None
         if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor)) or in_checkpoint() \
                 or torch._C._are_functorch_transforms_active():
@@ -694,7 +698,7 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, forward, x, *params):
-        ctx.forward, ctx.n = forward, len(params)
+        ctx.forward = forward
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
         ctx.save_for_backward(x)
         return forward(x)

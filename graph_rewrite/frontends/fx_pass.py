@@ -13,7 +13,8 @@ from torch.fx import Graph, Node
 from ..report import LeftAlone, Replaced
 from ..rules import RULES, Pattern, Rule, has_hooks, is_match, module_call_input, pattern_name
 
-__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok", "behind_aliases", "mutates", "mutating_use", "describe"]
+__all__ = ["rewrite_graph", "has_hooks", "lean_op_name", "inplace_ok", "behind_aliases", "is_view",
+           "inplace_name", "mutates", "mutating_use", "describe"]
 
 
 def lean_op_name(rule: Rule) -> str:
@@ -45,8 +46,23 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 
 def _is_alias_module(node: Node, modules: Mapping[str, nn.Module]) -> bool:
+    """A module call that returns its input itself: ``nn.Identity``, ``Dropout(p=0)``."""
     m = modules.get(node.target) if node.op == "call_module" else None
-    return type(m) is nn.Identity or type(m) is nn.Flatten or (type(m) is nn.Dropout and m.p == 0)
+    return type(m) is nn.Identity or (type(m) is nn.Dropout and m.p == 0)
+
+
+def is_view(user: Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``user`` returns a view of (or, conservatively, a copy shaped from) its input."""
+    if user.op == "call_function":
+        return user.target in VIEW_FUNCTIONS
+    if user.op == "call_method":
+        return user.target in VIEW_METHODS
+    return user.op == "call_module" and type(modules.get(user.target)) is nn.Flatten
+
+
+def inplace_name(name: str) -> bool:
+    """Whether a function or method of this name changes its first argument: ``add_``, ``relu_``."""
+    return name.endswith("_") and not name.startswith("_")
 
 
 def _name_of(target) -> str:
@@ -70,7 +86,7 @@ def mutates(user: Node, value: Node, modules: Mapping[str, nn.Module]) -> bool:
         return True
     if user.op in ("call_function", "call_method"):
         name = _name_of(user.target)
-        return (name.endswith("_") and not name.startswith("_")) or user.kwargs.get("inplace") is True
+        return inplace_name(name) or user.kwargs.get("inplace") is True
     if user.op == "call_module":
         return getattr(modules.get(user.target), "inplace", False) is True
     return False
@@ -91,9 +107,7 @@ def mutating_use(value: Node, modules: Mapping[str, nn.Module], ignore: Optional
             continue
         if mutates(user, value, modules):
             return user
-        is_view = (user.op == "call_function" and user.target in VIEW_FUNCTIONS) or (
-            user.op == "call_method" and user.target in VIEW_METHODS) or _is_alias_module(user, modules)
-        if is_view:
+        if is_view(user, modules) or _is_alias_module(user, modules):
             found = mutating_use(user, modules, ignore)
             if found is not None:
                 return found
@@ -116,8 +130,7 @@ def behind_aliases(x: Node, modules: Mapping[str, nn.Module]) -> Node:
     """The value ``x`` is, past calls that return their input itself and have no other use
     (``nn.Identity``, ``Dropout(p=0)``: timm's ``BatchNormAct2d`` puts one between its
     BatchNorm and its in-place activation)."""
-    while _is_alias_module(x, modules) and type(modules[x.target]) is not nn.Flatten and x.args \
-            and isinstance(x.args[0], Node) and len(x.args[0].users) == 1 and not has_hooks(modules[x.target]):
+    while _is_alias_module(x, modules) and x.args and isinstance(x.args[0], Node) and len(x.args[0].users) == 1 and not has_hooks(modules[x.target]):
         x = x.args[0]
     return x
 
@@ -200,10 +213,10 @@ def _saves_something(node: Node, x: Node, modules: Mapping[str, nn.Module]) -> N
     Native keeps ``x``; the lean op keeps the output. That frees ``x`` only if no other
     use keeps it, and costs nothing only if a use keeps the output anyway (or may).
     """
-    from .fx_recompute import _is_alias, _is_view, _keeps_nothing  # kind "recompute"'s judgement of a use
+    from .fx_recompute import _is_alias, _keeps_nothing  # kind "recompute"'s judgement of a use
 
     def may_keep(value: Node) -> bool:  # some use, or a use of a view of it, may keep it
-        return any(may_keep(u) if _is_view(u, modules) or _is_alias(u, modules) else
+        return any(may_keep(u) if is_view(u, modules) or _is_alias(u, modules) else
                    not _keeps_nothing(u, value, modules) for u in value.users)
 
     if x.op in ("placeholder", "get_attr"):

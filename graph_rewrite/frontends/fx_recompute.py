@@ -33,7 +33,8 @@ from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
 from ..rules import Attr, Consumer, Norm, Recomputable, is_match, pattern_name
-from .fx_pass import VIEW_FUNCTIONS, VIEW_METHODS, _where, behind_aliases, describe, has_hooks, inplace_ok, module_call_input, mutates, mutating_use
+from .fx_pass import (_where, behind_aliases, describe, has_hooks, inplace_ok, is_view, module_call_input, mutates,
+                      mutating_use)
 
 __all__ = ["rewrite_recompute"]
 
@@ -98,14 +99,6 @@ def _keeps_nothing(user: Node, value: Node, modules: Mapping[str, nn.Module]) ->
     return _pools_to_one(user, modules)
 
 
-def _is_view(user: Node, modules: Mapping[str, nn.Module]) -> bool:
-    if user.op == "call_function":
-        return user.target in VIEW_FUNCTIONS
-    if user.op == "call_method":
-        return user.target in VIEW_METHODS
-    return user.op == "call_module" and type(modules.get(user.target)) is nn.Flatten
-
-
 def _is_alias(user: Node, modules: Mapping[str, nn.Module]) -> bool:
     """Returns its input itself: ``Dropout(p=0)`` (in both modes) and ``Identity``."""
     if user.op == "call_module" and type(modules.get(user.target)) is nn.Identity:
@@ -137,7 +130,7 @@ def _plan(h: Node, consumers: Sequence[Consumer], modules) -> List[Tuple[Node, N
             if _is_alias(user, modules):
                 visit(user, through_view)
                 continue
-            if _is_view(user, modules):
+            if is_view(user, modules):
                 visit(user, True)
                 continue
             found = _match_consumer(user, consumers, modules)

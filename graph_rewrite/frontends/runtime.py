@@ -50,7 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..report import LeftAlone, Replaced, RewriteReport
 from ..rules import Recomputable, Rule, pattern_name, rules_for
-from .fx_pass import NATIVE_KEEPS_OUTPUT, lean_op_name
+from .fx_pass import NATIVE_KEEPS_OUTPUT, inplace_name, lean_op_name
 
 __all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table", "saved_tensors_hooks_in_effect", "in_checkpoint"]
 
@@ -166,8 +166,7 @@ _MUTATORS: Dict[Any, bool] = {}  # function -> whether it changes its first argu
 
 def _is_mutator(func: Any) -> bool:
     name = getattr(func, "__name__", "")
-    return (name.endswith("_") and not name.startswith("_")) or name == "__setitem__" or (
-        name.startswith("__i") and name.endswith("__"))
+    return inplace_name(name) or name == "__setitem__" or (name.startswith("__i") and name.endswith("__"))
 
 
 def _keep_before_change(t: Any) -> None:
@@ -283,11 +282,15 @@ class LeanFunctionMode(TorchFunctionMode):
             # output instead would add bytes, not free them.
             self._left_alone(spelling, "its input is a leaf tensor (an input or a weight), held by the caller anyway")
             return func(*args, **kwargs)
-        if self._entry_hooks and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]:
+        if self._under_other_hooks():
             self._left_alone(spelling, CHECKPOINTED)
             return func(*args, **kwargs)
         self._record(rule, spelling, params)
         return rule.op(x, *params.values())
+
+    def _under_other_hooks(self) -> bool:
+        """Whether saved-tensor hooks other than those at the mode's entry are in effect (a checkpointed region)."""
+        return bool(self._entry_hooks) and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]
 
     def _consumer(self, func, args: tuple, kwargs: dict):
         """``F.linear(h, weight, bias)`` where h is a recomputable activation's fresh output: the
@@ -301,7 +304,7 @@ class LeanFunctionMode(TorchFunctionMode):
             found = _recomputable(h.grad_fn)
         if found is None or found[0] not in acts:
             return func(*args, **kwargs)
-        if self._entry_hooks and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]:
+        if self._under_other_hooks():
             return func(*args, **kwargs)  # a checkpointed region: reading the node's saved x would unpack it
         name, act, act_arg = found
         x = h.grad_fn._saved_self
