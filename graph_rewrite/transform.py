@@ -102,20 +102,29 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         report = RewriteReport("root not traced: runtime front end", uncovered=[Uncovered("", str(e))])
         trace_children(root, "", rules, report)
         run_under_mode(root, rules, report)
-        _note_fx_only(report, rules, "the runtime front end (code outside the FX graphs)")
+        _note_fx_only(report, rules, "the runtime front end (code outside the FX graphs)", runtime=True)
         _warn_uncovered(report)
         root.rewrite_report = report
         return root
     gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True)
     if reasons:
-        _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)")
+        _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)", runtime=True)
     _warn_uncovered(report)
     return gm
 
 
-def _note_fx_only(report: RewriteReport, rules: Sequence[Rule], front_end: str) -> None:
-    """Say in the report that ``front_end`` applied kind "output" only."""
-    if any(r.kind == "recompute" for r in rules):
+def _note_fx_only(report: RewriteReport, rules: Sequence[Rule], front_end: str, runtime: bool = False) -> None:
+    """Say in the report which kinds ``front_end`` could not apply without an FX graph
+    (the runtime front end applies one consumer of kind "recompute")."""
+    if not any(r.kind == "recompute" for r in rules):
+        return
+    if runtime:
+        report.notes.append(
+            f"{front_end} applies kind \"output\" and, of kind \"recompute\", the Linear after a fresh "
+            "GELU/SiLU/Hardswish/Mish/ELU output; Conv and mul consumers, LayerNorm and kind \"norm\" need an FX "
+            "graph (every use of the activation's output must be known), so there they stay native"
+        )
+    else:
         report.notes.append(
             f"{front_end} applies rules of kind \"output\" only; kind \"recompute\" needs an FX graph "
             "(every use of the activation's output must be known), so there its activations and consumers stay native"

@@ -133,6 +133,8 @@ def test_runtime_linear_after_an_activation_in_another_module(act_then):
     before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
     after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])
     _assert_same_steps(model, lean, x)
+    # The report says what the runtime front end applies of kind "recompute", and what it cannot.
+    assert any("the Linear after a fresh" in n and "Conv and mul" in n for n in lean.rewrite_report.notes)
     recomputed = lean.rewrite_report.counts().get("graph_rewrite.recompute_linear", 0)
     if act_then == "plain":
         assert recomputed == 1 and after < before
