@@ -243,10 +243,14 @@ for name, m in [("native", model), ("lean", lean)]:
         result["rewritten"] = sorted(r.lean_op for r in m.rewrite_report.replaced)
 if rank == 0:
     torch.save(result, out)
-# Both ranks leave together: gloo aborts ("terminate called without an active
-# exception") when one rank tears its group down while the other still talks to it.
+# Both ranks leave together, then skip C++ static destructors: gloo's and DDP's
+# background threads can still be joinable at interpreter exit, and destroying them
+# aborts ("terminate called without an active exception") after the work is done.
 dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
