@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
+import shutil
 import sys
+import textwrap
 import time
 import warnings
 from typing import Callable, List, Optional, Sequence
@@ -19,26 +23,52 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["main", "build_model", "load_archive", "load_weights", "hub_checkpoint"]
+__all__ = ["main", "build_model", "load_archive", "load_weights", "hub_checkpoint", "fit_tables"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Steps:
-    """A one-line progress bar on stderr: ``[2/4] tracing ... 3.1s``."""
+    """Progress on ``stream`` (stderr): a ``tqdm`` bar on a terminal, plain lines elsewhere.
 
-    def __init__(self, total: int, stream=sys.stderr) -> None:
-        self.total, self.done, self.stream, self.t0 = total, 0, stream, time.perf_counter()
+    ``steps(label)`` starts the step ``label`` (the first call) or finishes the running
+    step and starts ``label``; ``close()`` ends the display. When ``stream`` is not a
+    TTY (a log file, a pipe, CI) or ``tqdm`` is missing, each step is one line,
+    ``graph-rewrite: [2/3] tracing and rewriting (1.2s)``, with no carriage returns.
+    """
+
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.done, self.started = total, 0, False
+        self.stream = sys.stderr if stream is None else stream
+        self.t0 = time.perf_counter()
+        self.bar = None
+        isatty = getattr(self.stream, "isatty", None)
+        if isatty is not None and isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, file=self.stream, leave=False, dynamic_ncols=True,
+                                bar_format="{desc:<28} {bar} {n_fmt}/{total_fmt} [{elapsed}]")
 
     def __call__(self, label: str) -> None:
-        self.done += 1
-        bar = "#" * self.done + "." * (self.total - self.done)
-        self.stream.write(f"\r[{bar}] {self.done}/{self.total} {label:<28} {time.perf_counter() - self.t0:6.1f}s")
-        self.stream.flush()
+        if self.started:
+            self.done = min(self.done + 1, self.total)
+        self.started = True
+        if self.bar is not None:
+            self.bar.set_description_str(label, refresh=False)
+            self.bar.update(self.done - self.bar.n)
+            self.bar.refresh()  # a step is seconds long: show each one, whatever tqdm's rate limit
+        else:
+            step = f"[{min(self.done + 1, self.total)}/{self.total}] " if self.done < self.total else ""
+            self.stream.write(f"graph-rewrite: {step}{label} ({time.perf_counter() - self.t0:.1f}s)\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def build_model(spec: str, pretrained: bool = False) -> nn.Module:
@@ -230,13 +260,75 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 
 def _shape(text: str) -> List[int]:
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: use e.g. 2,3,224,224") from None
-    if not dims or any(d < 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}")
-    return dims
+    """``"2,3,224,224"`` or ``"2x3x224x224"`` -> ``[2, 3, 224, 224]``; anything else is an argparse error.
+
+    Every dimension must be a non-negative integer: ``2,3,x,64``, ``2,,3`` and ``2,3,``
+    are refused, not read as ``2,3,64``.
+    """
+    parts = re.split(r"[,x]", text.strip())
+    if not text.strip() or not all(re.fullmatch(r"\d+", p.strip()) for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"bad shape {text!r}: give non-negative integers separated by ',' or 'x', e.g. 2,3,224,224")
+    return [int(p) for p in parts]
+
+
+def _ops_help() -> str:
+    """The --ops help, from the rules table: each kind with its rule names."""
+    from .rules import KINDS, RULES
+
+    kinds = "; ".join(f"kind {k}: " + ", ".join(r.name for r in RULES if r.kind == k) for k in KINDS)
+    return f"rules to apply, by name or kind (default: all). {kinds}"
+
+
+def _op(text: str) -> str:
+    from .rules import KINDS, RULES
+
+    if text not in KINDS and text not in {r.name for r in RULES}:
+        raise argparse.ArgumentTypeError(
+            f"unknown rule {text!r}: choose a kind ({', '.join(KINDS)}) or a rule name "
+            f"({', '.join(r.name for r in RULES)})")
+    return text
+
+
+def fit_tables(text: str, width: int) -> str:
+    """Cut the rows of the plain-text tables in ``text`` to ``width`` columns.
+
+    A table is found by its rule line (runs of ``-`` separated by spaces, as
+    ``tabulate`` draws it under the header). Its header and rows that are wider than
+    ``width`` lose the end of their last columns (the detail), marked with ``…``; other
+    long lines (notes) are wrapped. ``width <= 0`` leaves ``text`` as it is.
+    """
+    if width <= 0:
+        return text
+    lines = text.split("\n")
+    rows = set()
+    for i, line in enumerate(lines):
+        if not re.fullmatch(r"-+(  +-+)*", line):
+            continue
+        gaps = [m.start() for m in re.finditer(r"  +", line)]  # where each column gap begins
+        rows.update((i - 1, i))
+        j = i + 1
+        while j < len(lines) and lines[j].strip() and all(lines[j][g:g + 2].strip() == "" for g in gaps):
+            rows.add(j)
+            j += 1
+    out = []
+    for i, line in enumerate(lines):
+        if len(line) <= width:
+            out.append(line)
+        elif i in rows:
+            out.append(line[: max(width - 1, 1)].rstrip() + "…")
+        else:
+            out.extend(textwrap.wrap(line, width=width, subsequent_indent="  ", break_on_hyphens=False) or [""])
+    return "\n".join(out)
+
+
+def _width(arg: Optional[int]) -> int:
+    """--width, or the terminal's width when stdout is a terminal (or $COLUMNS is set); 0: no limit."""
+    if arg is not None:
+        return arg
+    if os.environ.get("COLUMNS") or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -246,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=_shape, default=[2, 3, 224, 224], help="input shape (default 2,3,224,224)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--ops", nargs="+", default=None, help="rules to apply (default all): softplus sigmoid logsigmoid spellings")
+    p.add_argument("--ops", nargs="+", type=_op, default=None, metavar="RULE", help=_ops_help())
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", metavar="PATH", help="a local state_dict file to load first (no downloads)")
     w.add_argument("--pretrained", action="store_true",
@@ -257,6 +349,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N forward+backward iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="PATH", help="save the rewritten TorchScript archive here (archive input only)")
+    p.add_argument("--width", type=int, default=None, metavar="N",
+                   help="cut table rows to N columns (default: the terminal's width when printing to one, "
+                        "else no limit; 0: no limit)")
     return p
 
 
@@ -266,7 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .printout import graph_diff
     from .verification import verify
 
-    steps = Steps(4)
+    steps = Steps(3)
+    width = _width(args.width)
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but CUDA is not available here")
@@ -300,10 +396,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     steps.close()
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    print(lean.rewrite_report)
+    print(fit_tables(str(lean.rewrite_report), width))
     if args.show_graph:
         print()
         print(graph_diff(model, lean, table=False))
     print()
-    print(report)
+    print(fit_tables(str(report), width))
     return 0 if report.ok else 1

@@ -152,3 +152,84 @@ def test_weights_file_with_wrapper_prefixes(tmp_path):
     torch.save({"_orig_mod." + k: v - 1 for k, v in state.items()}, tmp_path / "compiled.pt")
     load_weights(target, str(tmp_path / "compiled.pt"))
     assert all(torch.equal(target.state_dict()[k], v - 1) for k, v in state.items())
+
+
+# --------------------------------------------------------------------------- arguments, progress, width
+@pytest.mark.parametrize("shape", ["4,x,6", "4,,6", "4,6,", "x", "4,-6", "4.0,6", ""])
+def test_a_malformed_shape_is_an_argparse_error(shape, capsys):
+    # Before, "4,x,6" and "4,,6" were read as 4,6 and the run went on with another shape.
+    with pytest.raises(SystemExit) as e:
+        main(["tests.test_cli:small_net", "--shape", shape])
+    assert e.value.code == 2
+    assert "bad shape" in capsys.readouterr().err
+
+
+def test_shape_spellings():
+    from graph_rewrite.cli import _shape
+
+    assert _shape("2,3,224,224") == _shape("2x3x224x224") == _shape(" 2, 3,224,224 ") == [2, 3, 224, 224]
+
+
+def test_ops_help_and_choices_come_from_the_rules_table(capsys):
+    from graph_rewrite.cli import _parser
+    from graph_rewrite.rules import KINDS, RULES
+
+    text = " ".join(_parser().format_help().split())  # argparse wraps the help text
+    for r in RULES:
+        assert r.name in text
+    for k in KINDS:
+        assert f"kind {k}:" in text
+    with pytest.raises(SystemExit) as e:
+        main(["tests.test_cli:small_net", "--shape", "4,6", "--ops", "softplus", "no_such_rule"])
+    assert e.value.code == 2 and "unknown rule 'no_such_rule'" in capsys.readouterr().err
+
+
+def test_tables_fit_the_width(capsys):
+    assert main(["tests.test_cli:small_net", "--shape", "4,6", "--width", "60"]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 60 for line in out.splitlines())
+    assert "…" in out and "graph_rewrite.verify: PASSED" in out
+    assert main(["tests.test_cli:small_net", "--shape", "4,6", "--width", "0"]) == 0
+    assert "…" not in capsys.readouterr().out
+
+
+def test_fit_tables_cuts_rows_and_wraps_prose():
+    from graph_rewrite.cli import fit_tables
+
+    text = "\n".join(["title", "a    b", "---  ------", "1    " + "x" * 50, "2    y", "note: " + "word " * 20])
+    lines = fit_tables(text, 30).splitlines()
+    assert lines[:3] == ["title", "a    b", "---  ------"]
+    assert lines[3] == "1    " + "x" * 24 + "…" and lines[4] == "2    y"
+    assert all(len(line) <= 30 for line in lines) and "…" not in "".join(lines[5:])
+    assert " ".join(lines[5:]).split() == ("note: " + "word " * 20).split()
+    assert fit_tables(text, 0) == text
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_a_bar_on_one():
+    import io
+
+    from graph_rewrite.cli import Steps
+
+    log = io.StringIO()
+    steps = Steps(2, stream=log)
+    steps("building")
+    steps("verifying")
+    steps("done")
+    steps.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert [line.split(" (")[0] for line in lines] == [
+        "graph-rewrite: [1/2] building", "graph-rewrite: [2/2] verifying", "graph-rewrite: done"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    steps = Steps(2, stream=term)
+    assert steps.bar is not None  # tqdm
+    steps("building")
+    steps("verifying")
+    steps("done")
+    assert "2/2" in term.getvalue() and "verifying" in term.getvalue()
+    steps.close()
