@@ -1,7 +1,6 @@
 """The FX front end: trace with torch.fx, rewrite activations, keep the model's structure."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import fx
 
+from ..ops.recompute import recompute_module
 from ..report import Replaced, Respelled, RewriteReport, Uncovered
 from ..rules import CheapModule, Rule, pattern_name
 from ..spellings import rewrite_spellings
@@ -675,7 +675,7 @@ def _cheap(graph: fx.Graph, rule: CheapModule) -> bool:
 
 
 class _RecomputedForward(_ModuleForward):
-    """``forward`` of a cheap module: :class:`_Recompute` keeps its input only and runs the
+    """``forward`` of a cheap module: :func:`~graph_rewrite.ops.recompute.recompute_module` keeps its input only and runs the
     same ops again in backward, so gradients are native's bit for bit."""
 
     def __call__(self, *args, **kwargs):
@@ -687,36 +687,7 @@ class _RecomputedForward(_ModuleForward):
         params = tuple(p for p in self.module.parameters() if p.requires_grad)
         if not (x.requires_grad or params):
             return forward(x)
-        return _Recompute.apply(forward, x, *params)
-
-
-class _Recompute(torch.autograd.Function):
-    """``forward(x)`` that keeps ``x`` alone, and in backward runs ``forward`` again on it with
-    autograd on: the same ops on the same values, so the same gradients, for x and the module's
-    parameters (passed in so that their gradients flow). Lighter than ``torch.utils.checkpoint``:
-    the ops are cheap and draw no random numbers, so there is no RNG state to keep."""
-
-    @staticmethod
-    def forward(ctx, forward, x, *params):
-        ctx.forward = forward
-        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
-        ctx.save_for_backward(x)
-        return forward(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
-        xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
-        inputs = ((xd,) if xd.requires_grad else ()) + params
-        with torch.enable_grad(), contextlib.ExitStack() as stack:
-            for device, enabled, dtype in ctx.autocast:  # run it as forward ran it
-                if enabled:
-                    stack.enter_context(torch.autocast(device, dtype=dtype))
-            y = ctx.forward(xd)
-        grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True))
-        gx = grads.pop(0) if xd.requires_grad else None
-        return (None, gx, *grads)
+        return recompute_module(forward, x, *params)
 
 
 def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport) -> bool:

@@ -27,6 +27,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import weakref
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from .activations import _define, _forward, _is_traced
 
-__all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul", "norm_act"]
+__all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul", "norm_act", "recompute_module"]
 
 # The activations a consumer can recompute: name -> native call with its one parameter.
 # The same kernels as forward, on the same input, so h comes back bit for bit.
@@ -388,6 +389,39 @@ def _norm_act_autocast(h, z, act, weight, bias, running_mean, running_var, eps, 
 _define("norm_act(Tensor h, Tensor z, str act, Tensor? weight, Tensor? bias, Tensor? running_mean, "
         "Tensor? running_var, float eps, float act_arg=0.0) -> Tensor",
         _norm_act_kernel, _norm_act_kernel, _NormAct, under_autocast=_norm_act_autocast)
+
+
+# --------------------------------------------------------------------------- a cheap module
+class _Recompute(torch.autograd.Function):
+    """``forward(x)`` that keeps ``x`` alone, and in backward runs ``forward`` again on it with
+    autograd on: the same ops on the same values, so the same gradients, for x and the module's
+    parameters (passed in so that their gradients flow). Lighter than ``torch.utils.checkpoint``:
+    the ops are cheap and draw no random numbers, so there is no RNG state to keep."""
+
+    @staticmethod
+    def forward(ctx, forward, x, *params):
+        ctx.forward = forward
+        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        ctx.save_for_backward(x)
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
+        xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        inputs = ((xd,) if xd.requires_grad else ()) + params
+        with torch.enable_grad(), contextlib.ExitStack() as stack:
+            for device, enabled, dtype in ctx.autocast:  # run it as forward ran it
+                if enabled:
+                    stack.enter_context(torch.autocast(device, dtype=dtype))
+            y = ctx.forward(xd)
+        grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True))
+        gx = grads.pop(0) if xd.requires_grad else None
+        return (None, gx, *grads)
+
+
+recompute_module = _Recompute.apply
 
 
 recompute_linear = torch.ops.graph_rewrite.recompute_linear
