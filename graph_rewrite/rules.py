@@ -19,9 +19,9 @@ Kinds of rule (``rule.kind``):
   mul) that keep the activation's input instead of its output and recompute the output in
   backward.
   A :class:`CheapModule` (hand-written RMSNorm) keeps its input only and runs again in backward.
-* ``"norm"`` (:class:`Norm`): a BatchNorm whose output only feeds a recomputable activation;
-  the activation (and its consumers) keep BatchNorm's input instead, and recompute
-  BatchNorm's output in backward.
+* ``"norm"`` (:class:`Norm`): a BatchNorm or GroupNorm whose output only feeds a recomputable
+  activation; the activation (and its consumers) keep the norm's input instead, and recompute
+  the norm's output in backward.
 """
 from __future__ import annotations
 
@@ -171,7 +171,7 @@ class Consumer:
 class Norm:
     """A normalization before a :class:`Recomputable` activation (kind ``"norm"``).
 
-    BatchNorm keeps its input ``z``; the activation after it keeps BatchNorm's output.
+    BatchNorm and GroupNorm keep their input ``z``; the activation after them keeps the norm's output.
     With this rule the activation becomes ``op`` (``graph_rewrite.norm_act``), which keeps
     ``z`` and recomputes the output in backward, and so do the activation's consumers.
 
@@ -322,6 +322,26 @@ def _read_batch_norm(node: Node, modules) -> Tuple[Node, Tuple[Any, ...]]:
     return z, (*tensors, float(eps))
 
 
+def _read_group_norm(node: Node, modules) -> Tuple[Node, Tuple[Any, ...]]:
+    """(z, (weight, bias, None, None, eps, groups)) of a GroupNorm call."""
+    if node.op == "call_module":
+        m, z = module_call_input(node, modules)
+        attr = lambda n: None if getattr(m, n) is None else Attr(f"{node.target}.{n}")  # noqa: E731
+        weight, bias, eps, groups = attr("weight"), attr("bias"), m.eps, m.num_groups
+    else:
+        a = _bind(node, ("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})
+        z, groups, weight, bias, eps = a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]
+        if not all(t is None or isinstance(t, Node) for t in (weight, bias)):
+            raise ValueError("its weight or bias is not a graph value")
+    if not isinstance(z, Node):
+        raise ValueError("its input is a constant, not a graph value")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"eps is not a number known at trace time ({eps!r})")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"num_groups is not a positive int known at trace time ({groups!r})")
+    return z, (weight, bias, None, None, float(eps), groups)
+
+
 def _gelu(approximate: str = "none") -> Tuple[str, float]:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate={approximate!r}")
@@ -419,6 +439,7 @@ RULES: Tuple[Any, ...] = (
     Consumer("mul", torch.ops.graph_rewrite.recompute_mul, (operator.mul, torch.mul, "mul"), _read_mul),
     Norm("batch_norm", torch.ops.graph_rewrite.norm_act,
          (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, F.batch_norm), _read_batch_norm),
+    Norm("group_norm", torch.ops.graph_rewrite.norm_act, (nn.GroupNorm, F.group_norm), _read_group_norm),
     # LLaMA's, Qwen2's, Mistral's, Gemma's RMSNorm: casts, pow, a mean, rsqrt, products.
     CheapModule("cheap_norm",
                 methods=frozenset({"to", "float", "half", "bfloat16", "type", "type_as", "pow", "mean", "rsqrt",

@@ -115,14 +115,15 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
 
 def _note_fx_only(report: RewriteReport, rules: Sequence[Rule], front_end: str, runtime: bool = False) -> None:
     """Say in the report which kinds ``front_end`` could not apply without an FX graph
-    (the runtime front end applies one consumer of kind "recompute")."""
+    (the runtime front end applies them call by call)."""
     if not any(r.kind == "recompute" for r in rules):
         return
     if runtime:
         report.notes.append(
-            f"{front_end} applies kind \"output\" and, of kind \"recompute\", the Linear after a fresh "
-            "GELU/SiLU/Hardswish/Mish/ELU output; Conv and mul consumers, LayerNorm and kind \"norm\" need an FX "
-            "graph (every use of the activation's output must be known), so there they stay native"
+            f"{front_end} applies every kind call by call: a Linear, Conv or mul whose input is a fresh output "
+            "(of GELU/SiLU/..., LayerNorm, a rewritten norm or cheap module) keeps what made it, and an activation "
+            "on a fresh BatchNorm/GroupNorm output keeps the norm's input; other uses of that output keep it as "
+            "natively. Outputs read through a view or changed in place, and in-place activations, stay native"
         )
     else:
         report.notes.append(

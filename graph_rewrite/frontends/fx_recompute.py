@@ -302,7 +302,8 @@ def _rewrite_norm_act(graph: Graph, node: Node, x: Node, act: str, act_arg: floa
     """The activation ``node`` becomes ``norm_act(x, z, act, ...)``: it keeps z, not x."""
     args = tuple(_materialize(graph, node, a) for a in args)
     node.op, node.target = "call_function", rule.op
-    node.args, node.kwargs = (x, z, act, *args), ({"act_arg": act_arg} if act_arg else {})
+    groups = {"groups": args[5]} if len(args) > 5 else {}  # GroupNorm's (BatchNorm has running statistics)
+    node.args, node.kwargs = (x, z, act, *args[:5]), {**({"act_arg": act_arg} if act_arg else {}), **groups}
     node.meta["graph_rewrite"] = {"was": original, "where": where, "frees": x.name}
     return Replaced(node.name, where, original, "graph_rewrite.norm_act", {"act_arg": act_arg} if act_arg else {},
                     kind="norm", frees=x.name, detail=f"recomputes {pattern_name(pattern)}({z.name})")

@@ -41,15 +41,18 @@ import functools
 import inspect
 import os
 import sys
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..report import LeftAlone, Replaced, RewriteReport
-from ..rules import Recomputable, Rule, pattern_name, rules_for
+from ..ops.recompute import _RecomputeMul, _norm_node
+from ..rules import Consumer, Norm, Recomputable, Rule, pattern_name, rules_for
 from .fx_pass import NATIVE_KEEPS_OUTPUT, inplace_name, lean_op_name
 
 __all__ = ["LeanFunctionMode", "run_under_mode", "runtime_table", "saved_tensors_hooks_in_effect", "in_checkpoint"]
@@ -85,11 +88,43 @@ def _recomputable(node: Any) -> Optional[Tuple[str, str, float]]:
     return None
 
 
+_F = torch.nn.functional
+_CONSUMERS = {"linear": (_F.linear,), "conv": (_F.conv1d, _F.conv2d, _F.conv3d),
+              "mul": (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)}
+# The norms whose output the mode remembers (weakly) with their inputs: F.layer_norm for a
+# Linear after it, F.batch_norm and F.group_norm for an activation after them (kind "norm").
+_NORM_CALLS = {
+    _F.layer_norm: ("layer_norm", inspect.signature(_F.layer_norm)),
+    _F.batch_norm: ("batch_norm", inspect.signature(_F.batch_norm)),
+    _F.group_norm: ("group_norm", inspect.signature(_F.group_norm)),
+}
+
+
 def _consumer_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Any, str, frozenset]]:
-    """{F.linear: (the linear Consumer, its spelling, the recomputable activations' names)} when chosen."""
+    """{F.linear, F.conv2d, Tensor.__mul__, ...: (the Consumer rule, its spelling, the recomputable
+    activations' names)} for the consumers chosen."""
     acts = frozenset(r.name for r in rules if isinstance(r, Recomputable))
-    linear = next((r for r in rules if r.kind == "recompute" and r.name == "linear"), None)
-    return {torch.nn.functional.linear: (linear, "F.linear", acts)} if linear is not None and acts else {}
+    table = {}
+    for rule in rules:
+        if isinstance(rule, Consumer) and acts:
+            for func in _CONSUMERS.get(rule.name, ()):
+                table[func] = (rule, pattern_name(func), acts)
+    return table
+
+
+def _activation_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Recomputable, inspect.Signature]]:
+    """{F.silu, F.gelu, ...: (its Recomputable rule, how to read a call)} when a norm rule is chosen."""
+    if not any(isinstance(r, Norm) for r in rules):
+        return {}
+    P = inspect.Parameter
+    table = {}
+    for rule in rules:
+        if isinstance(rule, Recomputable) and rule.name != "layer_norm":
+            sig = inspect.Signature([P("input", P.POSITIONAL_OR_KEYWORD)]
+                                    + [P(k, P.POSITIONAL_OR_KEYWORD, default=v) for k, v in rule.params.items()]
+                                    + [P("inplace", P.POSITIONAL_OR_KEYWORD, default=False)])
+            table[rule.function] = (rule, sig)
+    return table
 
 
 def runtime_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Rule, str, bool]]:
@@ -207,6 +242,48 @@ def _before_change(func: Any, args: tuple, kwargs: Optional[dict]) -> None:
         _keep_before_change(t)
 
 
+def _ref(t: Any) -> Any:
+    """A weak reference to a tensor argument (None stays None)."""
+    return None if t is None else weakref.ref(t) if isinstance(t, Tensor) else False
+
+
+def _deref(r: Any) -> Any:
+    """The tensor behind :func:`_ref`'s reference; False if it is gone or was not a tensor."""
+    if r is None or r is False:
+        return r
+    t = r()
+    return False if t is None else t
+
+
+def _read_consumer(name: str, args: tuple, kwargs: dict) -> Optional[Tuple[Any, tuple]]:
+    """(h, the op's arguments after ``act``) of a consumer call, or None where the op cannot serve it."""
+    if name == "linear":
+        a = dict(zip(("input", "weight", "bias"), args), **kwargs)  # F.linear has no inspectable signature
+        if set(a) - {"input", "weight", "bias"} or not isinstance(a.get("weight"), Tensor):
+            return None
+        return a.get("input"), (a["weight"], a.get("bias"))
+    if name == "conv":
+        a = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
+        weight = a.get("weight")
+        if not isinstance(weight, Tensor) or len(a) > 7:
+            return None
+        n = weight.dim() - 2
+        lists = []
+        for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+            v = a.get(key, default)
+            v = [v] * n if isinstance(v, int) else list(v) if isinstance(v, (list, tuple)) else None
+            if v is None or len(v) != n or not all(isinstance(i, int) for i in v):
+                return None  # padding="same": the native call
+            lists.append(v)
+        groups = a.get("groups", 1)
+        if not isinstance(groups, int):
+            return None
+        return a.get("input"), (weight, a.get("bias"), *lists, groups)
+    if kwargs or len(args) != 2 or not all(isinstance(a, Tensor) for a in args):  # mul: out=, or a scalar
+        return None
+    return args[0], (args[1],)
+
+
 class LeanFunctionMode(TorchFunctionMode):
     """Sends activation calls to the lean ops while active; everything else passes through untouched.
 
@@ -234,6 +311,13 @@ class LeanFunctionMode(TorchFunctionMode):
         self.table = runtime_table(rules)
         self.consumers = _consumer_table(rules)
         self.table.update({f: (None, spelling, False) for f, (_, spelling, _) in self.consumers.items()})
+        self.activations = _activation_table(rules)
+        self.norms = {r.name: r for r in rules if isinstance(r, Norm)}
+        self.table.update({f: ("activation", pattern_name(f), False) for f in self.activations})
+        if self.norms or any(r.name == "layer_norm" for r in rules):
+            self.table.update({f: ("norm", pattern_name(f), False) for f in _NORM_CALLS})
+        # Norm outputs seen: tensor -> (kind, weak refs to what recomputes it, ...); entries die with it.
+        self._made = WeakIdKeyDictionary()
         self.report, self.owner, self.prefix = report, owner, prefix
         # (site, spelling, outcome): each recorded once, also across copies of the report.
         self._seen = {(r.site, r.original, "replaced") for r in report.replaced if r.site}
@@ -265,8 +349,15 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         rule, spelling, inplace = entry
+        if rule is None or rule == "norm" or rule == "activation":
+            if kwargs:  # out=, inplace=True: protect a lean output first, as for any other call
+                _before_change(func, args, kwargs)
         if rule is None:
             return self._consumer(func, args, kwargs)
+        if rule == "norm":
+            return self._norm(func, args, kwargs)
+        if rule == "activation":
+            return self._activation(func, args, kwargs)
         if inplace:
             self._left_alone(spelling, "in-place: rewriting would drop the mutation of its input")
             return func(*args, **kwargs)
@@ -293,24 +384,118 @@ class LeanFunctionMode(TorchFunctionMode):
         return bool(self._entry_hooks) and saved_tensors_hooks_in_effect() != self._entry_hooks[-1]
 
     def _consumer(self, func, args: tuple, kwargs: dict):
-        """``F.linear(h, weight, bias)`` where h is a recomputable activation's fresh output: the
-        recompute op, which keeps the activation's input (kept by its node anyway), not h."""
+        """A Linear, convolution or product whose input h is a fresh output the mode can make again
+        (an activation's, a LayerNorm's, a lean op's): the recompute op, which keeps what made h
+        (kept by that node anyway), not h. Anything else runs natively."""
         consumer, spelling, acts = self.consumers[func]
-        named = dict(zip(("input", "weight", "bias"), args), **kwargs)  # F.linear has no inspectable signature
-        h, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
-        found = None
-        if (torch.is_grad_enabled() and isinstance(h, Tensor) and isinstance(weight, Tensor)
-                and h._version == 0 and h._base is None and h.grad_fn is not None):
-            found = _recomputable(h.grad_fn)
-        if found is None or found[0] not in acts:
+        if not torch.is_grad_enabled() or self._under_other_hooks():  # checkpointed: unpacking would be wrong
             return func(*args, **kwargs)
-        if self._under_other_hooks():
-            return func(*args, **kwargs)  # a checkpointed region: reading the node's saved x would unpack it
-        name, act, act_arg = found
-        x = h.grad_fn._saved_self
-        self._record(consumer, spelling, {"act_arg": act_arg} if act_arg else {}, kind="recompute",
-                     detail=f"recomputes {act} from its input")
-        return consumer.op(x, h, act, weight, bias, act_arg=act_arg)
+        try:
+            call = _read_consumer(consumer.name, args, kwargs)
+        except (TypeError, ValueError):
+            call = None
+        found = None
+        if call is not None:
+            h, rest = call
+            found = self._producer(h, consumer.name, acts, gated=consumer.gated)
+            if found is None and consumer.name == "mul" and isinstance(rest[0], Tensor):
+                h, rest = rest[0], (h,)  # other * act(x)
+                found = self._producer(h, consumer.name, acts, gated=False)
+        if found is None or (consumer.name == "mul" and rest[0] is h):
+            return func(*args, **kwargs)
+        x, act, act_arg, extra, detail = found
+        self._record(consumer, spelling, {"act_arg": act_arg} if act_arg else {}, kind="recompute", detail=detail)
+        return consumer.op(x, h, act, *rest, act_arg=act_arg, **extra)
+
+    def _producer(self, h: Any, consumer: str, acts: frozenset,
+                  gated: bool) -> Optional[Tuple[Tensor, str, float, Dict[str, Any], str]]:
+        """(x, act, act_arg, the op's other keywords, a description) when ``h`` is a fresh output
+        the consumer's op can recompute from tensors its maker keeps anyway; else None."""
+        if not (isinstance(h, Tensor) and h._version == 0 and h._base is None and h.grad_fn is not None):
+            return None
+        node = h.grad_fn
+        found = _recomputable(node)
+        if found is not None:
+            name, act, act_arg = found
+            if name not in acts:
+                return None
+            try:
+                x = node._saved_self
+            except RuntimeError:  # its input changed in place since: native raises in backward
+                return None
+            return x, act, act_arg, {}, f"recomputes {act} from its input"
+        lean = _norm_node(h)
+        if lean is not None:  # after norm_act or a cheap module: the consumer asks that node for h
+            act, act_arg = getattr(lean, "act", "identity"), getattr(lean, "act_arg", 0.0)
+            return h, act, act_arg, {}, "recomputes " + (f"{act}(norm)" if act != "identity" else "the module")
+        if consumer != "linear":
+            return None
+        if "layer_norm" in acts:
+            made = self._made.get(h)
+            if made is not None and made[0] == "layer_norm" and type(node).__name__ == "NativeLayerNormBackward0":
+                _, zref, version, shape, wref, bref, eps = made
+                z, w, b = zref(), _deref(wref), _deref(bref)
+                if z is not None and z._version == version and w is not False and b is not False:
+                    return z, "layer_norm", eps, {"norm_shape": shape, "norm_weight": w, "norm_bias": b}, \
+                        "recomputes layer_norm from its input"
+        if gated and getattr(node, "_forward_cls", None) is _RecomputeMul and node.norm is None:
+            x, other = node.saved_tensors[:2]  # act(x) * other: keep both, not the product
+            return x, node.act, node.act_arg, {"gate": other}, f"recomputes {node.act}(x) * gate"
+        return None
+
+    def _norm(self, func, args: tuple, kwargs: dict):
+        """A norm runs natively; its output is remembered (weakly) with what recomputes it."""
+        out = func(*args, **kwargs)
+        if not (torch.is_grad_enabled() and isinstance(out, Tensor) and out.requires_grad):
+            return out
+        kind, sig = _NORM_CALLS[func]
+        try:
+            a = sig.bind(*args, **kwargs).arguments
+        except TypeError:
+            return out
+        z, w, b, eps = a.get("input"), a.get("weight"), a.get("bias"), a.get("eps", 1e-5)
+        if not isinstance(z, Tensor) or not isinstance(eps, (int, float)) or isinstance(eps, bool):
+            return out
+        if kind == "layer_norm":
+            shape = a.get("normalized_shape")
+            shape = [shape] if isinstance(shape, int) else list(shape) if isinstance(shape, (list, tuple, torch.Size)) else None
+            if shape is not None and all(isinstance(d, int) for d in shape):
+                self._made[out] = (kind, weakref.ref(z), z._version, shape, _ref(w), _ref(b), float(eps))
+        elif kind == "group_norm":
+            groups = a.get("num_groups")
+            if isinstance(groups, int) and not isinstance(groups, bool):
+                self._made[out] = (kind, weakref.ref(z), z._version, _ref(w), _ref(b), None, None, float(eps), groups)
+        else:
+            rm, rv = a.get("running_mean"), a.get("running_var")
+            self._made[out] = (kind, weakref.ref(z), z._version, _ref(w), _ref(b), _ref(rm), _ref(rv), float(eps), 0)
+        return out
+
+    def _activation(self, func, args: tuple, kwargs: dict):
+        """GELU, SiLU, ... on a fresh BatchNorm or GroupNorm output: ``norm_act``, which keeps the
+        norm's input (kept by the norm anyway), not its output. Anything else runs natively."""
+        rule, sig = self.activations[func]
+        h = args[0] if args else kwargs.get("input")
+        made = self._made.get(h) if isinstance(h, Tensor) else None
+        if made is None or made[0] not in self.norms or not torch.is_grad_enabled() or self._under_other_hooks() \
+                or h._version != 0 or h._base is not None:
+            return func(*args, **kwargs)
+        try:
+            a = sig.bind(*args, **kwargs)
+            a.apply_defaults()
+            if a.arguments.pop("inplace") is not False:
+                _keep_before_change(h)
+                return func(*args, **kwargs)
+            act, act_arg = rule.encode(**{k: a.arguments[k] for k in rule.params})[:2]
+        except (TypeError, ValueError):
+            return func(*args, **kwargs)
+        kind, zref, version, *refs, eps, groups = made
+        z, tensors = zref(), [_deref(r) for r in refs]
+        if z is None or z._version != version or any(t is False for t in tensors):
+            return func(*args, **kwargs)
+        norm = self.norms[kind]
+        self._record(norm, pattern_name(func), {"act_arg": act_arg} if act_arg else {}, kind="norm",
+                     detail=f"recomputes {kind}(z)")
+        return norm.op(h, z, act, *tensors, eps, act_arg, groups)
 
     @staticmethod
     def _read_args(rule: Rule, args: tuple, kwargs: dict) -> Tuple[Tensor, Dict[str, float]]:
@@ -329,7 +514,8 @@ class LeanFunctionMode(TorchFunctionMode):
         if key in self._seen:
             return
         self._seen.add(key)
-        op = lean_op_name(rule) if kind == "output" else f"graph_rewrite.recompute_{rule.name}"
+        op = {"output": lambda: lean_op_name(rule), "norm": lambda: "graph_rewrite.norm_act"}.get(
+            kind, lambda: f"graph_rewrite.recompute_{rule.name}")()
         self.report.replaced.append(
             Replaced("-", self._module_path(frame), spelling, op, params, site=site, kind=kind, detail=detail)
         )

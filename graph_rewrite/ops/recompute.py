@@ -53,6 +53,8 @@ ACTIVATIONS: Dict[str, Callable[[Tensor, float], Tensor]] = {
     "elu": lambda x, a: torch._C._nn.elu(x, a),
     "celu": lambda x, a: torch.celu(x, a),
     "selu": lambda x, a: torch.selu(x),
+    # What a consumer reads straight from a lean producer (a cheap module's output).
+    "identity": lambda x, a: x,
 }
 
 
@@ -253,12 +255,13 @@ _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=
 
 
 # --------------------------------------------------------------------------- norm -> activation
-# BatchNorm keeps its input z; the activation after it keeps BatchNorm's output h. norm_act is
-# that activation keeping z instead, and recomputing h = BatchNorm(z) in backward with the
-# same call (so the same kernel, statistics and bits). Consumers of its output (the ops
-# above) see that in the autograd graph and keep nothing of h either: they ask the norm_act
-# node for h, which computes it once for all of them and for its own backward.
+# BatchNorm and GroupNorm keep their input z; the activation after them keeps the norm's
+# output h. norm_act is that activation keeping z instead, and recomputing h = norm(z) in
+# backward with the same call (so the same kernel, statistics and bits). Consumers of its
+# output (the ops above) see that in the autograd graph and keep nothing of h either: they
+# ask the norm_act node for h, which computes it once for all of them and for its own backward.
 _BATCH_NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
+_GROUP_NORM_NODES = ("NativeGroupNormBackward0",)
 
 
 def _batch_norm_training(h: Tensor) -> Optional[bool]:
@@ -276,20 +279,23 @@ def _batch_norm_training(h: Tensor) -> Optional[bool]:
 
 def _norm_act_kernel(h: Tensor, z: Tensor, act: str, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
-                     act_arg: float = 0.0) -> Tensor:
+                     act_arg: float = 0.0, groups: int = 0) -> Tensor:
     return ACTIVATIONS[act](h, act_arg)
 
 
-def _batch_norm_again(ctx, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
-    """h = BatchNorm(z) again: the forward's own call on the saved z.
+def _norm_again(ctx, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
+    """h = norm(z) again: the forward's own call on the saved z.
 
-    With batch statistics they are recomputed (one more pass over z); throwaway buffers
-    stand in for the running ones, which forward has updated since. Eval mode uses the
-    saved running statistics, as forward did. Same bits as forward as long as the kernel
-    reduces in the same order: on CPU a channels-last input is reduced per thread, so a
+    GroupNorm (``ctx.groups``) reduces each group of z again. BatchNorm with batch
+    statistics recomputes them (one more pass over z); throwaway buffers stand in for the
+    running ones, which forward has updated since. Eval mode uses the saved running
+    statistics, as forward did. Same bits as forward as long as the kernel reduces in the
+    same order: on CPU a channels-last input is reduced per thread, so a
     ``torch.set_num_threads`` between forward and backward can move h by a rounding.
     """
     z, weight, bias, running_mean, running_var = ctx.saved_tensors if saved is None else saved
+    if ctx.groups:
+        return torch.group_norm(z, ctx.groups, weight, bias, ctx.eps, torch.backends.cudnn.enabled)
     if ctx.training and ctx.buffers is not None:
         c, dtype = ctx.buffers
         running_mean = torch.zeros(c, dtype=dtype, device=z.device)
@@ -298,27 +304,34 @@ def _batch_norm_again(ctx, saved: Optional[Sequence[Optional[Tensor]]] = None) -
                             torch.backends.cudnn.enabled)
 
 
+# A lean producer is the autograd node of an op that made h without keeping it, and can make it
+# again from what it keeps: norm_act (h = act(norm(z))) and recompute_module (h = module(x)).
+# A consumer after one keeps the producer's tensors (the same storages: no new bytes) and asks
+# it for h in backward.
 def _norm_node(h: Tensor):
-    """The norm_act autograd node that made ``h`` (keeping z, not BatchNorm's output), or None."""
+    """The lean producer node that made ``h`` (keeping its input, not h), or None."""
     node = h.grad_fn
-    return node if getattr(node, "_forward_cls", None) is _NormAct and getattr(node, "lean", False) else None
+    remake = getattr(getattr(node, "_forward_cls", None), "remake", None)
+    return node if remake is not None and getattr(node, "lean", False) else None
 
 
 def norm_output(node, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
-    """BatchNorm's output recomputed by a norm_act ``node``: once per backward, shared by its consumers.
+    """What a lean producer ``node`` recomputes (the norm's output; the module's output): once per
+    backward, shared by its consumers.
 
     ``saved``: the node's tensors as a consumer saved them, for when the node has run its own
     backward (and freed them) first: ``aux.backward()`` through the activation, then the consumer.
     """
-    if torch.is_grad_enabled():  # create_graph: differentiable through z, weight and bias, not cached
-        return _batch_norm_again(node, saved)
+    remake = node._forward_cls.remake
+    if torch.is_grad_enabled():  # create_graph: differentiable through the inputs, not cached
+        return remake(node, saved)
     if node.cache is None:
-        node.cache = _batch_norm_again(node, saved)
+        node.cache = remake(node, saved)
     return node.cache
 
 
 def _save(ctx, norm, x: Tensor, *rest: Optional[Tensor]) -> None:
-    """A consumer's ``save_for_backward``: ``(x, *rest)``, or, after a lean norm_act (``norm``),
+    """A consumer's ``save_for_backward``: ``(x, *rest)``, or, after a lean producer (``norm``),
     ``(None, *rest)`` and that node's own tensors: the same storages, so no new bytes."""
     ctx.norm = norm
     tensors = () if norm is None else _tensors_for_consumers(norm)
@@ -327,7 +340,7 @@ def _save(ctx, norm, x: Tensor, *rest: Optional[Tensor]) -> None:
 
 
 def _unpack(ctx) -> Tuple[tuple, Optional[tuple]]:
-    """(what :func:`_save` saved after x and x itself, the norm_act node's tensors or None)."""
+    """(what :func:`_save` saved after x and x itself, the lean producer's tensors or None)."""
     saved = ctx.saved_tensors
     k = len(saved) - ctx.norm_saved
     return saved[:k], (saved[k:] if ctx.norm_saved else None)
@@ -342,30 +355,42 @@ def _tensors_for_consumers(node) -> tuple:
 
 
 def _act_input(ctx, x: Optional[Tensor], norm: Optional[tuple] = None) -> Tensor:
-    """The activation's input for a consumer's recompute: its saved ``x``, or h from the norm_act node."""
+    """The activation's input for a consumer's recompute: its saved ``x``, or h from the lean producer."""
     return x if ctx.norm is None else norm_output(ctx.norm, norm)
 
 
+def _weak(tensors: Sequence[Optional[Tensor]]) -> tuple:
+    return tuple(None if t is None else weakref.ref(t) for t in tensors)
+
+
 class _NormAct(torch.autograd.Function):
-    """``act(h)`` for ``h = BatchNorm(z)``: keeps z (BatchNorm keeps it too), recomputes h in backward."""
+    """``act(h)`` for ``h = BatchNorm(z)`` or ``GroupNorm(z)`` (``groups`` > 0): keeps z (the norm
+    keeps it too), recomputes h in backward."""
 
     @staticmethod
-    def forward(ctx, h, z, act, weight, bias, running_mean, running_var, eps, act_arg):
+    def forward(ctx, h, z, act, weight, bias, running_mean, running_var, eps, act_arg, groups):
         out = _forward(torch.ops.graph_rewrite.norm_act.default, _norm_act_kernel,
-                       h, z, act, weight, bias, running_mean, running_var, eps, act_arg)
-        ctx.act, ctx.act_arg, ctx.eps, ctx.cache = act, act_arg, eps, None
-        training = None if _is_traced(h) else _batch_norm_training(h)
+                       h, z, act, weight, bias, running_mean, running_var, eps, act_arg, groups)
+        ctx.act, ctx.act_arg, ctx.eps, ctx.groups, ctx.cache = act, act_arg, eps, groups, None
+        if _is_traced(h):
+            training = None
+        elif groups:
+            training = True if type(h.grad_fn).__name__ in _GROUP_NORM_NODES else None
+        else:
+            training = _batch_norm_training(h)
         ctx.lean = training is not None
-        if not ctx.lean:  # not known to come from BatchNorm (or traced): keep h, as native does
+        if not ctx.lean:  # not known to come from the norm (or traced): keep h, as native does
             ctx.save_for_backward(h)
             return out
         ctx.training = training
         ctx.buffers = None if running_mean is None else (running_mean.shape[0], running_mean.dtype)
         # Running statistics only in eval mode: in training forward updates them in place.
-        stats = (None, None) if training else (running_mean, running_var)
+        stats = (running_mean, running_var) if not training and not groups else (None, None)
         ctx.save_for_backward(z, weight, bias, *stats)
-        ctx.for_consumers = tuple(None if t is None else weakref.ref(t) for t in (z, weight, bias, *stats))
+        ctx.for_consumers = _weak((z, weight, bias, *stats))
         return out
+
+    remake = staticmethod(_norm_again)
 
     @staticmethod
     def backward(ctx, grad):
@@ -374,48 +399,68 @@ class _NormAct(torch.autograd.Function):
             ctx.cache = None
         else:
             (h,) = ctx.saved_tensors
+        nones = (None,) * 9
         if not torch.is_grad_enabled():  # the usual backward: the activation's kernel, at h
-            return ACTIVATION_BACKWARDS[ctx.act](grad, h, ctx.act_arg), None, None, None, None, None, None, None, None
+            return (ACTIVATION_BACKWARDS[ctx.act](grad, h, ctx.act_arg), *nones)
         with torch.enable_grad():  # create_graph: through autograd, so that it can be differentiated again
             h_in = h if h.requires_grad else h.detach().requires_grad_()
             (gh,) = torch.autograd.grad(ACTIVATIONS[ctx.act](h_in, ctx.act_arg), h_in, grad, create_graph=True)
-        return gh, None, None, None, None, None, None, None, None
+        return (gh, *nones)
 
 
-def _norm_act_autocast(h, z, act, weight, bias, running_mean, running_var, eps, act_arg=0.0):
+def _norm_act_autocast(h, z, act, weight, bias, running_mean, running_var, eps, act_arg=0.0, groups=0):
     return ACTIVATIONS[act](h, act_arg)  # native: keeps autocast's dtypes, and h
 
 
 _define("norm_act(Tensor h, Tensor z, str act, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-        "Tensor? running_var, float eps, float act_arg=0.0) -> Tensor",
+        "Tensor? running_var, float eps, float act_arg=0.0, int groups=0) -> Tensor",
         _norm_act_kernel, _norm_act_kernel, _NormAct, under_autocast=_norm_act_autocast)
 
 
 # --------------------------------------------------------------------------- a cheap module
+def _autocast_state() -> list:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+
+
+def _run_as_forward_ran(ctx, x: Tensor) -> Tensor:
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in ctx.autocast:  # run it as forward ran it
+            if enabled:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+        return ctx.forward(x)
+
+
 class _Recompute(torch.autograd.Function):
     """``forward(x)`` that keeps ``x`` alone, and in backward runs ``forward`` again on it with
     autograd on: the same ops on the same values, so the same gradients, for x and the module's
     parameters (passed in so that their gradients flow). Lighter than ``torch.utils.checkpoint``:
-    the ops are cheap and draw no random numbers, so there is no RNG state to keep."""
+    the ops are cheap and draw no random numbers, so there is no RNG state to keep.
+
+    A lean producer: a Linear after it (LLaMA's q, k, v projections after RMSNorm) keeps x too,
+    and asks this node for the output in backward."""
 
     @staticmethod
     def forward(ctx, forward, x, *params):
-        ctx.forward = forward
-        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+        ctx.forward, ctx.autocast, ctx.cache = forward, _autocast_state(), None
         ctx.save_for_backward(x)
+        ctx.lean, ctx.for_consumers = True, _weak((x,))
         return forward(x)
 
     @staticmethod
+    def remake(ctx, saved: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """The module's output again, for a consumer (without a graph unless create_graph)."""
+        (x,) = ctx.saved_tensors if saved is None else saved
+        return _run_as_forward_ran(ctx, x)
+
+    @staticmethod
     def backward(ctx, grad):
+        ctx.cache = None
         (x,) = ctx.saved_tensors
         params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
         xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
         inputs = ((xd,) if xd.requires_grad else ()) + params
-        with torch.enable_grad(), contextlib.ExitStack() as stack:
-            for device, enabled, dtype in ctx.autocast:  # run it as forward ran it
-                if enabled:
-                    stack.enter_context(torch.autocast(device, dtype=dtype))
-            y = ctx.forward(xd)
+        with torch.enable_grad():
+            y = _run_as_forward_ran(ctx, xd)
         grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True))
         gx = grads.pop(0) if xd.requires_grad else None
         return (None, gx, *grads)
