@@ -242,17 +242,33 @@ def _before_change(func: Any, args: tuple, kwargs: Optional[dict]) -> None:
         _keep_before_change(t)
 
 
-def _ref(t: Any) -> Any:
-    """A weak reference to a tensor argument (None stays None)."""
-    return None if t is None else weakref.ref(t) if isinstance(t, Tensor) else False
+_NORM_NODES = {"layer_norm": "NativeLayerNormBackward0", "group_norm": "NativeGroupNormBackward0",
+               "batch_norm": "NativeBatchNormBackward0"}
 
 
-def _deref(r: Any) -> Any:
-    """The tensor behind :func:`_ref`'s reference; False if it is gone or was not a tensor."""
-    if r is None or r is False:
-        return r
-    t = r()
-    return False if t is None else t
+def _norm_inputs(node: Any, made: Optional[tuple], kind: str) -> Optional[Tuple[Tensor, list, float]]:
+    """(z, the norm's other arguments, eps) to make a norm's output again, read from its autograd
+    ``node`` (which keeps them: no new bytes) and what the mode remembered of the call (``made``).
+
+    layer_norm: ``[weight, bias, normalized_shape]``; group_norm: ``[weight, bias, None, None,
+    groups]``; batch_norm: ``[weight, bias, running_mean, running_var]``. None where the output is
+    not that norm's, a saved tensor was changed in place since, or the bias is gone.
+    """
+    if made is None or made[0] != kind or type(node).__name__ != _NORM_NODES[kind]:
+        return None
+    _, eps, bias_ref = made
+    bias = None if bias_ref is None else bias_ref()
+    if bias_ref is not None and bias is None:
+        return None
+    try:
+        z, weight = node._saved_input, node._saved_weight
+        if kind == "layer_norm":
+            return z, [weight, node._saved_bias, list(node._saved_normalized_shape)], eps
+        if kind == "group_norm":
+            return z, [weight, bias, None, None, node._saved_group], eps
+        return z, [weight, bias, node._saved_running_mean, node._saved_running_var], eps
+    except RuntimeError:  # changed in place since: native raises in backward, if it gets there
+        return None
 
 
 def _read_consumer(name: str, args: tuple, kwargs: dict) -> Optional[Tuple[Any, tuple]]:
@@ -431,13 +447,11 @@ class LeanFunctionMode(TorchFunctionMode):
         if consumer != "linear":
             return None
         if "layer_norm" in acts:
-            made = self._made.get(h)
-            if made is not None and made[0] == "layer_norm" and type(node).__name__ == "NativeLayerNormBackward0":
-                _, zref, version, shape, wref, bref, eps = made
-                z, w, b = zref(), _deref(wref), _deref(bref)
-                if z is not None and z._version == version and w is not False and b is not False:
-                    return z, "layer_norm", eps, {"norm_shape": shape, "norm_weight": w, "norm_bias": b}, \
-                        "recomputes layer_norm from its input"
+            read = _norm_inputs(node, self._made.get(h), "layer_norm")
+            if read is not None:
+                z, (w, b, shape), eps = read
+                return z, "layer_norm", eps, {"norm_shape": shape, "norm_weight": w, "norm_bias": b}, \
+                    "recomputes layer_norm from its input"
         if gated and getattr(node, "_forward_cls", None) is _RecomputeMul and node.norm is None:
             x, other = node.saved_tensors[:2]  # act(x) * other: keep both, not the product
             return x, node.act, node.act_arg, {"gate": other}, f"recomputes {node.act}(x) * gate"
@@ -453,21 +467,10 @@ class LeanFunctionMode(TorchFunctionMode):
             a = sig.bind(*args, **kwargs).arguments
         except TypeError:
             return out
-        z, w, b, eps = a.get("input"), a.get("weight"), a.get("bias"), a.get("eps", 1e-5)
-        if not isinstance(z, Tensor) or not isinstance(eps, (int, float)) or isinstance(eps, bool):
-            return out
-        if kind == "layer_norm":
-            shape = a.get("normalized_shape")
-            shape = [shape] if isinstance(shape, int) else list(shape) if isinstance(shape, (list, tuple, torch.Size)) else None
-            if shape is not None and all(isinstance(d, int) for d in shape):
-                self._made[out] = (kind, weakref.ref(z), z._version, shape, _ref(w), _ref(b), float(eps))
-        elif kind == "group_norm":
-            groups = a.get("num_groups")
-            if isinstance(groups, int) and not isinstance(groups, bool):
-                self._made[out] = (kind, weakref.ref(z), z._version, _ref(w), _ref(b), None, None, float(eps), groups)
-        else:
-            rm, rv = a.get("running_mean"), a.get("running_var")
-            self._made[out] = (kind, weakref.ref(z), z._version, _ref(w), _ref(b), _ref(rm), _ref(rv), float(eps), 0)
+        eps, bias = a.get("eps", 1e-5), a.get("bias")
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool) and (bias is None or isinstance(bias, Tensor)):
+            # What its autograd node does not keep: eps, and the bias (weakly: a parameter, usually).
+            self._made[out] = (kind, float(eps), None if bias is None else weakref.ref(bias))
         return out
 
     def _activation(self, func, args: tuple, kwargs: dict):
@@ -488,10 +491,11 @@ class LeanFunctionMode(TorchFunctionMode):
             act, act_arg = rule.encode(**{k: a.arguments[k] for k in rule.params})[:2]
         except (TypeError, ValueError):
             return func(*args, **kwargs)
-        kind, zref, version, *refs, eps, groups = made
-        z, tensors = zref(), [_deref(r) for r in refs]
-        if z is None or z._version != version or any(t is False for t in tensors):
+        read = _norm_inputs(h.grad_fn, made, made[0])
+        if read is None:
             return func(*args, **kwargs)
+        z, tensors, eps = read
+        kind, groups = made[0], (tensors.pop() if made[0] == "group_norm" else 0)
         norm = self.norms[kind]
         self._record(norm, pattern_name(func), {"act_arg": act_arg} if act_arg else {}, kind="norm",
                      detail=f"recomputes {kind}(z)")
