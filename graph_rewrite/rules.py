@@ -18,7 +18,7 @@ Kinds of rule (``rule.kind``):
   Hardswish, ..., and LayerNorm) and the layers after it (:class:`Consumer`: Linear, Conv,
   mul) that keep the activation's input instead of its output and recompute the output in
   backward.
-  A :class:`CheapModule` (hand-written RMSNorm) keeps its input only and runs again in backward.
+  A :class:`CheapModule` (hand-written RMSNorm, tanh-GELU) keeps its input only and runs again in backward.
 * ``"norm"`` (:class:`Norm`): a BatchNorm or GroupNorm whose output only feeds a recomputable
   activation; the activation (and its consumers) keep the norm's input instead, and recompute
   the norm's output in backward.
@@ -195,17 +195,23 @@ class CheapModule:
     (kind ``"recompute"``): hand-written RMSNorm. It keeps its input only and runs the same ops
     again in backward (``graph_rewrite.recompute_module``), where native keeps every intermediate.
 
+    A hand-written activation (GPT-2's tanh-GELU, QuickGELU) is the same kind of module without
+    the reduction: native keeps its input and several intermediates; this keeps the input only.
+
     name:       what ``optimize(model, ops=[...])`` calls it.
     methods:    the ``Tensor`` methods its graph may call.
     functions:  the functions its graph may call.
-    reductions: at least one of these must be among them (what makes it a norm).
+    reductions: at least one of these must be among them (what makes it a norm); empty: none needed.
+    saves_input: the graph must pass its input straight to an op that saves it (``x * h``,
+                ``x.pow(3)``): native keeps the input already, so keeping it costs nothing.
     """
 
     name: str
     kind: ClassVar[str] = "recompute"
     methods: frozenset
     functions: frozenset
-    reductions: frozenset
+    reductions: frozenset = frozenset()
+    saves_input: bool = False
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -447,6 +453,13 @@ RULES: Tuple[Any, ...] = (
                 functions=frozenset({operator.add, operator.mul, operator.sub, operator.truediv, operator.neg,
                                      torch.rsqrt, torch.sqrt, torch.mean, torch.pow, torch.mul, torch.add, getattr}),
                 reductions=frozenset({"mean", torch.mean})),
+    # GPT-2's and T5's gelu_new (tanh-GELU), FastGELU, QuickGELU (x * sigmoid(1.702 x)) written out.
+    CheapModule("cheap_activation",
+                methods=frozenset({"mul", "add", "sub", "div", "pow", "tanh", "sigmoid", "erf", "neg"}),
+                functions=frozenset({operator.add, operator.mul, operator.sub, operator.truediv, operator.neg,
+                                     operator.pow, torch.tanh, torch.sigmoid, torch.erf, torch.pow, torch.mul,
+                                     torch.add}),
+                saves_input=True),
 )
 
 KINDS = ("output", "recompute", "norm")

@@ -3,6 +3,7 @@
 Tiny configs, random weights, float64, CPU. The expectations are native PyTorch on the
 same model: gradients bit for bit, and held bytes measured both ways.
 """
+import math
 import warnings
 
 import pytest
@@ -194,6 +195,24 @@ def test_hand_written_norm_keeps_its_input_only(extra):
         _assert_same_steps(model, twin, x)
 
 
+class Float64RMSNorm(HandRMSNorm):  # computes in float64: gradcheck needs that
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float64)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(dtype)
+
+
+def test_recomputed_module_gradcheck_and_gradgradcheck():
+    torch.manual_seed(0)
+    model = NormThenLinear().double()
+    model.norm = Float64RMSNorm(16).double()
+    lean = graph_rewrite.optimize(model)
+    small = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lean, (small,)) and torch.autograd.gradgradcheck(lean, (small,))
+    assert lean.rewrite_report.counts() == {"graph_rewrite.recompute_module": 1, "graph_rewrite.recompute_linear": 1}
+
+
 def test_cheap_norm_is_one_rule_a_user_can_leave_out():
     model = NormThenLinear().double()
     without = [r.name for r in graph_rewrite.RULES if r.name != "cheap_norm"]
@@ -225,3 +244,54 @@ def test_timm_batchnorm_act_sees_through_its_identity(name, least):
     lean_of_twin(x).sum().backward()
     pairs = list(zip(model.buffers(), twin.buffers()))
     assert pairs and all(torch.equal(a, b) for a, b in pairs)
+
+
+class NewGELU(nn.Module):  # GPT-2's gelu_new, as transformers writes it
+    def forward(self, input):
+        return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, input):
+        return input * torch.sigmoid(1.702 * input)
+
+
+class FastGELU(nn.Module):
+    def forward(self, input):
+        return 0.5 * input * (1.0 + torch.tanh(input * 0.7978845608 * (1.0 + 0.044715 * input * input)))
+
+
+class Scaled(nn.Module):  # keeps nothing natively: keeping its input would cost bytes
+    def forward(self, input):
+        return torch.tanh(input * 2.0) + 1.0
+
+
+class ActBetweenLinears(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(8, 32), act, nn.Linear(32, 8)
+
+    def forward(self, x):
+        if x.sum() > 1e30:  # data-dependent: FX cannot trace the root
+            return x
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("act,rewritten", [(NewGELU, True), (QuickGELU, True), (FastGELU, True), (Scaled, False)])
+def test_hand_written_activation_keeps_its_input_only(act, rewritten):
+    torch.manual_seed(0)
+    model = ActBetweenLinears(act()).double()
+    lean = graph_rewrite.optimize(model)
+    x = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
+    after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])
+    counts = lean.rewrite_report.counts()
+    if rewritten:
+        # The activation keeps up(x) only, and the Linear after it keeps that too: one 8 x 32 tensor.
+        assert counts == {"graph_rewrite.recompute_module": 1, "graph_rewrite.recompute_linear": 1}
+        assert after == 8 * 32 * 8 < before
+    else:
+        assert "graph_rewrite.recompute_module" not in counts and after == before
+    _assert_same_steps(model, lean, x)
+    small = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lean, (small,)) and torch.autograd.gradgradcheck(lean, (small,))

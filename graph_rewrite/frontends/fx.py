@@ -664,14 +664,31 @@ def _tensor_arity(module: nn.Module) -> Optional[int]:
 
 def _cheap(graph: fx.Graph, rule: CheapModule) -> bool:
     """Whether ``graph`` is what ``rule`` describes: one input, cheap ops on it and the module's
-    parameters, a reduction among them. Running it again in backward costs little and keeps its
-    intermediates (and casts) out of memory."""
+    parameters, a reduction among them if the rule asks for one, and its input passed straight
+    to an op that saves it if the rule asks for that. Running it again in backward costs little
+    and keeps its intermediates (and casts) out of memory."""
     ops = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
-    if sum(n.op == "placeholder" for n in graph.nodes) != 1 or not ops:
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1 or not ops:
         return False
-    return any(n.target in rule.reductions for n in ops) and all(
-        (n.op == "call_method" and n.target in rule.methods)
-        or (n.op == "call_function" and n.target in rule.functions) for n in ops)
+    if rule.reductions and not any(n.target in rule.reductions for n in ops):
+        return False
+    if rule.saves_input and not any(_saves_its_input(n, inputs[0]) for n in inputs[0].users):
+        return False
+    return all((n.op == "call_method" and n.target in rule.methods)
+               or (n.op == "call_function" and n.target in rule.functions) for n in ops)
+
+
+_PRODUCTS = ("mul", operator.mul, torch.mul)
+_POWERS = ("pow", operator.pow, torch.pow)
+
+
+def _saves_its_input(node: fx.Node, x: fx.Node) -> bool:
+    """Whether ``node`` saves ``x`` for backward natively: ``x * t`` with ``t`` a tensor, ``x ** p``."""
+    if node.target in _PRODUCTS and len(node.args) == 2:
+        other = node.args[1] if node.args[0] is x else node.args[0]
+        return isinstance(other, fx.Node)
+    return node.target in _POWERS and bool(node.args) and node.args[0] is x
 
 
 class _RecomputedForward(_ModuleForward):
@@ -704,16 +721,19 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
         graphs, reasons, constants = _trace_modes(child)
     except _RootUntraceable:
         return False
+    cheap = next((r for r in rules if isinstance(r, CheapModule) and all(_cheap(g, r) for g in graphs.values())),
+                 None)
+    if cheap is not None and not reasons:
+        # A hand-written norm or activation (LLaMA's RMSNorm, GPT-2's tanh-GELU): keep its input
+        # only, run it again in backward. Better than rewriting inside it: nothing else is kept.
+        child.forward = _RecomputedForward(child)
+        report.replaced.append(Replaced(path or "<root>", path or "<root>", type(child).__name__,
+                                        "graph_rewrite.recompute_module", {}, kind="recompute",
+                                        detail="keeps its input only; its cheap elementwise forward runs again in backward"))
+        return True
     sub = RewriteReport()
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
     if not sub.replaced and not sub.spellings:
-        cheap = next((r for r in rules if isinstance(r, CheapModule)), None)
-        if cheap is not None and not reasons and all(_cheap(g, cheap) for g in graphs.values()):
-            # A hand-written norm (LLaMA's RMSNorm): keep its input only, run it again in backward.
-            child.forward = _RecomputedForward(child)
-            report.replaced.append(Replaced(path or "<root>", path or "<root>", type(child).__name__, "graph_rewrite.recompute_module",
-                                            {}, kind="recompute", detail="keeps its input only; its cheap "
-                                            "elementwise forward runs again in backward"))
         return True  # traced: nothing to rewrite in it, nothing left to search
     child.forward = _GuardedForward(child, gm, arity)
     for rec in sub.replaced:

@@ -457,11 +457,13 @@ class _Recompute(torch.autograd.Function):
         ctx.cache = None
         (x,) = ctx.saved_tensors
         params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
-        xd = x.detach().requires_grad_(ctx.needs_input_grad[1])
+        # create_graph: differentiate through x itself, so that the gradients are functions of it.
+        create = torch.is_grad_enabled()
+        xd = x if create and x.requires_grad else x.detach().requires_grad_(ctx.needs_input_grad[1])
         inputs = ((xd,) if xd.requires_grad else ()) + params
         with torch.enable_grad():
             y = _run_as_forward_ran(ctx, xd)
-        grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True))
+        grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True, create_graph=create))
         gx = grads.pop(0) if xd.requires_grad else None
         return (None, gx, *grads)
 
