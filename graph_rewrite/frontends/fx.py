@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch import fx
 
-from ..ops.recompute import recompute_module
+from ..ops.recompute import recompute_module, uses_of_input
 from ..report import Replaced, Respelled, RewriteReport, Uncovered
 from ..rules import CheapModule, Rule, pattern_name
 from ..spellings import rewrite_spellings
@@ -704,7 +704,12 @@ class _RecomputedForward(_ModuleForward):
         params = tuple(p for p in self.module.parameters() if p.requires_grad)
         if not (x.requires_grad or params):
             return forward(x)
-        return recompute_module(forward, x, *params)
+        key = (x.dtype, x.device.type, x.requires_grad, torch.is_autocast_enabled(x.device.type),
+               torch.get_autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda") else None)
+        uses = self.__dict__.setdefault("uses", {})
+        if key not in uses:  # the module's ops are fixed: how many times they read x depends on these only
+            uses[key] = uses_of_input(forward, x)
+        return recompute_module(forward, x, *params, uses=uses[key])
 
 
 def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport) -> bool:
@@ -720,21 +725,15 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     try:
         graphs, reasons, constants = _trace_modes(child)
     except _RootUntraceable:
-        return False
-    cheap = next((r for r in rules if isinstance(r, CheapModule) and all(_cheap(g, r) for g in graphs.values())),
-                 None)
-    if cheap is not None and not reasons:
-        # A hand-written norm or activation (LLaMA's RMSNorm, GPT-2's tanh-GELU): keep its input
-        # only, run it again in backward. Better than rewriting inside it: nothing else is kept.
-        child.forward = _RecomputedForward(child)
-        report.replaced.append(Replaced(path or "<root>", path or "<root>", type(child).__name__,
-                                        "graph_rewrite.recompute_module", {}, kind="recompute",
-                                        detail="keeps its input only; its cheap elementwise forward runs again in backward"))
+        graph = _typed_trace(child)  # T5's norm reads self.weight.dtype
+        return graph is not None and _recompute_if_cheap(child, path, rules, report, [graph])
+    if not reasons and _recompute_if_cheap(child, path, rules, report, graphs.values()):
         return True
     sub = RewriteReport()
     gm = _rewrite_and_build(child, graphs, reasons, constants, rules, sub, runtime_report=report, prefix=path)
     if not sub.replaced and not sub.spellings:
-        return True  # traced: nothing to rewrite in it, nothing left to search
+        # Nothing here; its submodules may still be cheap modules (T5's MLP calls gelu_new).
+        return False
     child.forward = _GuardedForward(child, gm, arity)
     for rec in sub.replaced:
         report.replaced.append(dataclasses.replace(rec, where=_join(path, rec.where)))
@@ -743,6 +742,54 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     report.uncovered += [Uncovered(_join(path, u.module), u.reason) for u in sub.uncovered]
     report.notes += [n for n in sub.notes if n not in report.notes]
     return True
+
+
+def _recompute_if_cheap(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport,
+                        graphs: Sequence[fx.Graph]) -> bool:
+    """A hand-written norm or activation (LLaMA's RMSNorm, GPT-2's tanh-GELU) whose ``graphs`` a
+    :class:`CheapModule` rule describes: keep its input only and run its own forward again in
+    backward. Better than rewriting inside it: nothing else is kept."""
+    if not any(isinstance(r, CheapModule) and all(_cheap(g, r) for g in graphs) for r in rules):
+        return False
+    child.forward = _RecomputedForward(child)
+    report.replaced.append(Replaced(path or "<root>", path or "<root>", type(child).__name__,
+                                    "graph_rewrite.recompute_module", {}, kind="recompute",
+                                    detail="keeps its input only; its cheap elementwise forward runs again in backward"))
+    return True
+
+
+class _TypedParameterProxy(fx.proxy.ParameterProxy):
+    """A parameter whose dtype and device read as constants while tracing, as its shape does."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.param.device
+
+
+class _TypedTracer(fx.Tracer):
+    """Reads parameters' shape, dtype and device as constants. Its graph only tells whether a
+    module is cheap (:func:`_recompute_if_cheap`): the module's own forward runs, never this graph,
+    so nothing depends on those constants staying true."""
+
+    def __init__(self) -> None:
+        super().__init__(param_shapes_constant=True)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        proxy = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if type(proxy) is fx.proxy.ParameterProxy:
+            proxy.__class__ = _TypedParameterProxy
+        return proxy
+
+
+def _typed_trace(module: nn.Module) -> Optional[fx.Graph]:
+    try:
+        return _TypedTracer().trace(module)
+    except Exception:  # noqa: BLE001 - untraceable either way: not a cheap module
+        return None
 
 
 def trace_children(module: nn.Module, prefix: str, rules: Sequence[Rule], report: RewriteReport) -> None:

@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import struct
 import weakref
@@ -436,12 +437,18 @@ class _Recompute(torch.autograd.Function):
     parameters (passed in so that their gradients flow). Lighter than ``torch.utils.checkpoint``:
     the ops are cheap and draw no random numbers, so there is no RNG state to keep.
 
+    ``x`` comes in ``uses`` times, once per edge by which the module's ops read it (RMSNorm
+    reads it in ``x.pow(2)`` and in ``x * rsqrt(...)``), and backward returns each edge's
+    gradient in its own slot, in the order native's engine adds them to x's gradient. Summed
+    here first, they would meet x's other gradients (the residual's) in another order than
+    native's: one rounding off.
+
     A lean producer: a Linear after it (LLaMA's q, k, v projections after RMSNorm) keeps x too,
     and asks this node for the output in backward."""
 
     @staticmethod
-    def forward(ctx, forward, x, *params):
-        ctx.forward, ctx.autocast, ctx.cache = forward, _autocast_state(), None
+    def forward(ctx, forward, uses, x, *rest):
+        ctx.forward, ctx.uses, ctx.autocast, ctx.cache = forward, uses, _autocast_state(), None
         ctx.save_for_backward(x)
         ctx.lean, ctx.for_consumers = True, _weak((x,))
         return forward(x)
@@ -456,19 +463,72 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.cache = None
         (x,) = ctx.saved_tensors
+        k = max(ctx.uses, 1)
         params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
+        needs_x = any(ctx.needs_input_grad[2:2 + k])
         # create_graph: differentiate through x itself, so that the gradients are functions of it.
         create = torch.is_grad_enabled()
-        xd = x if create and x.requires_grad else x.detach().requires_grad_(ctx.needs_input_grad[1])
-        inputs = ((xd,) if xd.requires_grad else ()) + params
+        base = x if create and x.requires_grad else x.detach().requires_grad_(needs_x)
         with torch.enable_grad():
+            xd = base.view_as(base) if needs_x else base  # a node of its own: the edges into it are x's uses
             y = _run_as_forward_ran(ctx, xd)
-        grads = list(torch.autograd.grad(y, inputs, grad, allow_unused=True, create_graph=create))
-        gx = grads.pop(0) if xd.requires_grad else None
-        return (None, gx, *grads)
+        arrived: List[Optional[Tensor]] = []
+        handles = [node.register_hook(functools.partial(_arrive, slots, arrived))
+                   for node, slots in (_edges_into(y.grad_fn, xd.grad_fn).items() if needs_x else ())]
+        try:
+            grads = list(torch.autograd.grad(y, ((xd,) if needs_x else ()) + params, grad, allow_unused=True,
+                                             create_graph=create))
+        finally:
+            for h in handles:
+                h.remove()
+        gx = grads.pop(0) if needs_x else None
+        if len(arrived) != k:  # not the edges forward counted: the sum, in one slot
+            arrived = [gx] + [None] * (k - 1)
+        return (None, None, *arrived, *grads)
 
 
-recompute_module = _Recompute.apply
+def _arrive(slots: List[int], arrived: List[Optional[Tensor]], grad_inputs, grad_outputs) -> None:
+    arrived.extend(grad_inputs[j] for j in slots)
+
+
+def _edges_into(top, target) -> Dict[object, List[int]]:
+    """{node: its input slots that lead into ``target``} over the graph from ``top`` down to ``target``."""
+    edges: Dict[object, List[int]] = {}
+    seen, stack = set(), [top]
+    while stack:
+        node = stack.pop()
+        if node is None or node is target or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for j, (nxt, _) in enumerate(node.next_functions):
+            if nxt is target:
+                edges.setdefault(node, []).append(j)
+            elif nxt is not None:
+                stack.append(nxt)
+    return edges
+
+
+def uses_of_input(forward, x: Tensor) -> int:
+    """How many edges the graph of ``forward(x)`` has into ``x``: :class:`_Recompute` takes x that
+    many times. Run once per dtype, device and autocast state, without torch-function modes (as
+    backward runs it)."""
+    base = x.detach().requires_grad_()
+    xd = base.view_as(base)
+    with torch.enable_grad(), torch._C.DisableTorchFunction():
+        y = forward(xd)
+    top = getattr(y, "grad_fn", None)
+    return sum(len(v) for v in _edges_into(top, xd.grad_fn).values()) if top is not None else 0
+
+
+def recompute_module(forward, x: Tensor, *params: Tensor, uses: Optional[int] = None) -> Tensor:
+    """``forward(x)`` keeping ``x`` only; ``forward`` runs again in backward (a cheap module's own
+    forward, bound to it; ``params`` its parameters that require grad). ``uses``: see
+    :func:`uses_of_input` (counted here if not given)."""
+    if uses is None:
+        uses = uses_of_input(forward, x)
+    return _Recompute.apply(forward, uses, x, *([x] * (max(uses, 1) - 1)), *params)
+
+
 
 
 recompute_linear = torch.ops.graph_rewrite.recompute_linear
