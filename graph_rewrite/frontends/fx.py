@@ -29,8 +29,9 @@ from .runtime import in_checkpoint, run_under_mode, saved_tensors_hooks_in_effec
 __all__ = ["RewrittenModule"]
 
 AUTOCAST_NOTE = (
-    "recompute consumers stay off under autocast: there they run the native layer, in autocast's "
-    "dtypes, and keep what it keeps (no saving from them)"
+    "under autocast, recompute consumers run the native layer (autocast's casts and cached weights) keeping no "
+    "copy of their input, which backward makes again with the forward's autocast state; kind \"norm\" stays "
+    "native there (its activation keeps the norm's output)"
 )
 
 # Per-module containers that a shallow copy would otherwise share with the original.

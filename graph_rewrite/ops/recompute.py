@@ -73,6 +73,7 @@ ACTIVATION_BACKWARDS: Dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "celu": lambda g, x, a: torch.ops.aten.elu_backward(g, a, 1, 1.0 / struct.unpack("f", struct.pack("f", a))[0],
                                                          False, x),
     "selu": lambda g, x, a: torch.ops.aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1, False, x),
+    "identity": lambda g, x, a: g,
 }
 
 
@@ -91,6 +92,106 @@ def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Ten
 
 def _any_requires_grad(*args) -> bool:
     return any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+# --------------------------------------------------------------------------- under autocast
+# Under autocast a consumer runs natively (its inputs cast as autocast casts them, with the
+# weights' cached casts, and native's own backward and gradient sums), inside saved-tensor
+# hooks that keep no copy of h: where the native op saves h, or autocast's cast of h, or a view
+# of either, the hooks keep a recipe instead, and backward makes that tensor again from x with
+# the forward's autocast state. Saved tensors that are not h go to the hooks in effect outside.
+def _autocast_state() -> list:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
+
+
+@contextlib.contextmanager
+def _as_forward_ran(state: list):
+    """Autocast as it was when ``state`` was read (the forward's), whatever it is now (backward's)."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state:
+            if enabled != torch.is_autocast_enabled(device) or (enabled and dtype != torch.get_autocast_dtype(device)):
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
+
+
+def _made_from(t: Tensor, h: Tensor) -> bool:
+    """Whether ``t`` is ``h`` or autocast's cast of it (a dtype copy whose node reads h)."""
+    if t is h:
+        return True
+    node = t.grad_fn
+    return (h.grad_fn is not None and type(node).__name__ == "ToCopyBackward0" and t.shape == h.shape
+            and node.next_functions[0][0] is h.grad_fn)
+
+
+class _Again:
+    """A saved tensor made again in backward: ``remake(*held)`` cast to its dtype, in its geometry."""
+
+    __slots__ = ("remake", "held", "dtype", "view")
+
+    def __init__(self, remake, held: "_Held", t: Tensor) -> None:
+        self.remake, self.held, self.dtype = remake, held, t.dtype
+        self.view = None if t._base is None else (t.shape, t.stride(), t.storage_offset())
+
+    def __call__(self) -> Tensor:
+        h = self.remake(*self.held.unpack())
+        h = h if h.dtype == self.dtype else h.to(self.dtype)
+        return h if self.view is None else h.as_strided(*self.view)
+
+
+class _Held:
+    """The tensors a remake needs (x, gate, ...), kept as the hooks in effect outside keep saved
+    tensors (an offloading hook moves them too), packed once, when first needed."""
+
+    __slots__ = ("outer", "tensors", "packed")
+
+    def __init__(self, outer, tensors: Sequence[Optional[Tensor]]) -> None:
+        self.outer, self.tensors, self.packed = outer, tuple(tensors), None
+
+    def pack(self) -> "_Held":
+        if self.packed is None:
+            pack = self.outer[0] if self.outer is not None else None
+            self.packed = tuple(t if t is None or pack is None else pack(t) for t in self.tensors)
+            self.tensors = ()
+        return self
+
+    def unpack(self) -> tuple:
+        unpack = self.outer[1] if self.outer is not None else None
+        return tuple(p if p is None or unpack is None else unpack(p) for p in self.packed)
+
+
+@contextlib.contextmanager
+def _keep_no_copy_of(h: Tensor, remake: Callable[..., Tensor], *tensors: Optional[Tensor]):
+    """Native ops run inside save ``remake(*tensors)`` instead of h (or its cast, or a view of either)."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    held = _Held(outer, tensors)
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if _made_from(base, h):
+            return _Again(remake, held.pack(), t)
+        return (outer[0](t),) if outer is not None else (t,)
+
+    def unpack(packed):
+        if isinstance(packed, _Again):
+            return packed()
+        return outer[1](packed[0]) if outer is not None else packed[0]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _keep_no_copy_of_input(x: Tensor, h: Tensor, act: str, act_arg: float, gate: Optional[Tensor] = None,
+                           norm=None, norm_node=None):
+    """:func:`_keep_no_copy_of` for a consumer's h = act(x) [* gate], a LayerNorm's output, or a lean
+    producer's (``norm_node``): made again under the forward's autocast state (read now)."""
+    state = _autocast_state()
+    shape, norm_weight, norm_bias = norm if norm is not None else ((), None, None)
+
+    def remake(x, gate, norm_weight, norm_bias) -> Tensor:
+        with _as_forward_ran(state):
+            a = x if norm_node is None else norm_output(norm_node)
+            return recompute_activation(a, act, act_arg, gate, (shape, norm_weight, norm_bias))
+    return _keep_no_copy_of(h, remake, None if norm_node is not None else x, gate, norm_weight, norm_bias)
 
 
 # --------------------------------------------------------------------------- linear
@@ -142,7 +243,9 @@ class _RecomputeLinear(torch.autograd.Function):
 
 def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0, norm_shape=(), norm_weight=None,
                      norm_bias=None):
-    return F.linear(h, weight, bias)  # native: keeps autocast's dtypes, and h
+    with _keep_no_copy_of_input(x, h, act, act_arg, gate, (list(norm_shape), norm_weight, norm_bias),
+                                _norm_node(h) if gate is None else None):
+        return F.linear(h, weight, bias)
 
 
 _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
@@ -196,7 +299,8 @@ class _RecomputeConv(torch.autograd.Function):
 
 
 def _conv_autocast(x, h, act, weight, bias, stride, padding, dilation, groups, act_arg=0.0):
-    return _conv_kernel(x, h, act, weight, bias, stride, padding, dilation, groups)
+    with _keep_no_copy_of_input(x, h, act, act_arg, norm_node=_norm_node(h)):
+        return _conv_kernel(x, h, act, weight, bias, stride, padding, dilation, groups)
 
 
 _define("recompute_conv(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
@@ -248,7 +352,8 @@ class _RecomputeMul(torch.autograd.Function):
 
 
 def _mul_autocast(x, h, act, other, act_arg=0.0):
-    return torch.mul(h, other)
+    with _keep_no_copy_of_input(x, h, act, act_arg, norm_node=_norm_node(h)):
+        return torch.mul(h, other)
 
 
 _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=0.0) -> Tensor",
@@ -419,15 +524,8 @@ _define("norm_act(Tensor h, Tensor z, str act, Tensor? weight, Tensor? bias, Ten
 
 
 # --------------------------------------------------------------------------- a cheap module
-def _autocast_state() -> list:
-    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")]
-
-
 def _run_as_forward_ran(ctx, x: Tensor) -> Tensor:
-    with contextlib.ExitStack() as stack:
-        for device, enabled, dtype in ctx.autocast:  # run it as forward ran it
-            if enabled:
-                stack.enter_context(torch.autocast(device, dtype=dtype))
+    with _as_forward_ran(ctx.autocast):
         return ctx.forward(x)
 
 
