@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
@@ -87,6 +88,25 @@ class RewriteReport:
     def counts_by_kind(self) -> Dict[str, int]:
         """Replaced nodes per rule kind: ``{"output": 3, "recompute": 12}``."""
         return dict(Counter(r.kind for r in self.replaced))
+
+    def saves_memory(self) -> bool:
+        """Whether something rewritten frees memory: a lean sigmoid keeps what native's keeps, and an
+        in-place activation made out of place only lets a rule after it apply."""
+        return bool(self.spellings) or any(
+            r.lean_op != "graph_rewrite.sigmoid" and not r.lean_op.endswith("(out of place)") for r in self.replaced)
+
+    def warn_if_nothing_saves(self, what: str, stacklevel: int = 3) -> None:
+        """A ``UserWarning`` when nothing rewritten frees memory: the optimized model holds what the
+        original holds, and the user should know rather than read it off a benchmark."""
+        if self.saves_memory():
+            return
+        found = f"{len(self.replaced)} rewrite(s) that keep what native keeps, " if self.replaced else ""
+        alone = f"{len(self.left_alone)} activation(s) left alone, " if self.left_alone else ""
+        warnings.warn(
+            f"graph_rewrite: nothing rewritten in {what} frees memory ({found}{alone}"
+            f"{'no other' if found or alone else 'no'} activation of the rules table found); it holds what the "
+            "original holds. See .rewrite_report for why (ReLU, for one, keeps only its output already)",
+            stacklevel=stacklevel)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -28,7 +28,9 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     becomes an op that keeps the activation's input and recomputes it. Code FX cannot
     trace (a module, or the model's own ``forward``) runs under the runtime front end
     (:mod:`graph_rewrite.frontends.runtime`), which sends the same calls to the same
-    ops as they happen (kind ``"output"`` only); a warning names those modules.
+    ops as they happen, every kind call by call; a warning names those modules. When
+    nothing rewritten frees memory (a ResNet: ReLU keeps only its output already), a
+    warning says so, at ``optimize()`` or, for the runtime front end, after the first forward.
     ``model`` itself is not modified: the result has new module objects but
     shares its parameters and buffers, keeps ``state_dict()`` keys and train/eval
     mode, and carries ``.rewrite_report``.
@@ -110,6 +112,8 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)", runtime=True)
     _warn_uncovered(report)
+    if not reasons:  # with leaves under the runtime front end, their first forward tells
+        report.warn_if_nothing_saves(type(model).__name__)
     return gm
 
 

@@ -506,3 +506,30 @@ def test_forward_that_changes_grad_mode_or_autocast_is_not_traced(context):
     if context == "no_grad":
         assert lean.scale.weight.grad is None  # traced, the branch would have had gradients
     assert lean.rewrite_report.replaced  # the runtime front end still rewrote the softplus
+
+
+def test_optimize_says_when_nothing_it_rewrote_frees_memory():
+    import warnings
+
+    class ReluNet(nn.Module):  # ReLU keeps only its output already: nothing to rewrite
+        def __init__(self, branch):
+            super().__init__()
+            self.fc, self.branch = nn.Linear(4, 4), branch
+
+        def forward(self, x):
+            if self.branch and x.sum() > 1e30:  # FX cannot trace this: the runtime front end runs it
+                return x
+            return torch.relu(self.fc(x))
+
+    for branch in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lean = graph_rewrite.optimize(ReluNet(branch))
+            for _ in range(2):  # the runtime front end tells after the first forward, once
+                lean(torch.randn(2, 4, requires_grad=True))
+        told = [str(w.message) for w in caught if "frees memory" in str(w.message)]
+        assert len(told) == 1 and "nothing rewritten in ReluNet frees memory" in told[0], told
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph_rewrite.optimize(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)))
+    assert not [w for w in caught if "frees memory" in str(w.message)]

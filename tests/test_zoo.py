@@ -60,7 +60,10 @@ def test_traced_models_in_train_mode(name, shape, counts, spelling):
     model = build(name).train()
     lean, caught = optimize_quietly(model)
     report = lean.rewrite_report
-    assert report.tracing == "whole model" and not report.uncovered and not caught
+    assert report.tracing == "whole model" and not report.uncovered
+    # RegNet's lean sigmoids keep what native's keep: optimize() says that nothing frees memory.
+    assert [("nothing rewritten in RegNet frees memory" in c) for c in caught] == (
+        [True] if name == "regnet_y_400mf" else []), caught
     assert report.counts() == counts
     assert {r.original for r in report.replaced if r.lean_op == "graph_rewrite.sigmoid"} == {spelling}
     # Only LayerNorms whose output goes elsewhere than a Linear (swin's attention) are left alone.

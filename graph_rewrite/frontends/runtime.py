@@ -340,6 +340,7 @@ class LeanFunctionMode(TorchFunctionMode):
         self._seen |= {(r.site, r.original, r.reason) for r in report.left_alone if r.site}
         self._paths: Optional[Dict[int, str]] = None
         self._entry_hooks: List[Optional[Tuple[Any, Any]]] = []  # saved-tensor hooks at each (nested) entry
+        self.told = False  # whether the first forward's "nothing saves" check ran
 
     def __enter__(self):
         self._entry_hooks.append(saved_tensors_hooks_in_effect())
@@ -559,7 +560,11 @@ def _forward_under_mode(module: nn.Module, mode: LeanFunctionMode, inner: Any, *
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)  # nothing will be saved: no mode, no cost
     with mode:
-        return forward(*args, **kwargs)
+        out = forward(*args, **kwargs)
+    if not mode.told and not mode._entry_hooks:  # the outermost entry: its call sites are all recorded now
+        mode.told = True
+        mode.report.warn_if_nothing_saves(type(module).__name__, stacklevel=4)
+    return out
 
 
 class _ModeForward(functools.partial):
