@@ -471,3 +471,33 @@ def test_compile_backend_reads_the_argument_forms_dynamo_records(act):
     held = _held(fast, x)  # compiles: the report is filled now
     assert sum(report.counts().values()) == sum(eager.rewrite_report.counts().values()) == 1
     assert held == _held(eager, x)
+
+
+class _LayerNormThenLinear(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.ln, self.fc, self.how = nn.LayerNorm(8), nn.Linear(8, 8), how
+
+    def forward(self, x):
+        h = self.ln(x)
+        if self.how == "shape":  # timm's Attention: B, N, C = x.shape
+            b, n, c = h.shape
+            return self.fc(h).reshape(b, n * c)
+        if self.how == "scaled":
+            return self.fc(h) + h / 2.0 + 3.0 * h  # numbers: the backward keeps nothing of h
+        return self.fc(h) + x / h  # t / h keeps h
+
+
+@pytest.mark.parametrize("how,freed", [("shape", True), ("scaled", True), ("divisor", False)])
+def test_metadata_reads_and_numbers_keep_nothing(how, freed):
+    torch.manual_seed(0)
+    model = _LayerNormThenLinear(how).double()
+    lean = optimize(model)
+    assert (lean.rewrite_report.counts() == {"graph_rewrite.recompute_linear": 1}) == freed
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
+    after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])
+    assert (after < before) == freed and after <= before
+    ref = torch.autograd.grad(model(x).sum(), [x, *model.parameters()])
+    got = torch.autograd.grad(lean(x).sum(), [x, *model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))

@@ -41,10 +41,12 @@ __all__ = ["rewrite_recompute"]
 # Uses that keep nothing of their input for backward (checked on this torch: their
 # backward nodes save shapes, scalars or masks only).
 _FREE_FUNCTIONS = {
-    operator.add, operator.sub, operator.neg, operator.truediv, torch.add, torch.sub, torch.neg,
+    operator.add, operator.sub, operator.neg, torch.add, torch.sub, torch.neg,
     torch.cat, torch.stack, torch.sum, torch.mean,
 }
-_FREE_METHODS = {"add", "sub", "neg", "sum", "mean", "size", "dim"}
+_FREE_METHODS = {"add", "sub", "neg", "sum", "mean", "size", "dim", "numel", "stride"}
+# Attributes that read metadata, not values: ``B, N, C = x.shape`` keeps nothing.
+_METADATA = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 class _Keeps(Exception):
     """A use of the activation's output that keeps it (or may): nothing to gain."""
 
@@ -88,11 +90,16 @@ def _keeps_nothing(user: Node, value: Node, modules: Mapping[str, nn.Module]) ->
         return user.args[0] is not value
     if user.op == "call_method" and user.target in _FREE_METHODS:
         return True
-    if user.op == "call_function" and user.target in (operator.mul, torch.mul) or (
-        user.op == "call_method" and user.target == "mul"
+    if user.op == "call_function" and user.target is getattr and len(user.args) == 2:
+        return user.args[1] in _METADATA
+    if user.op == "call_function" and user.target in (operator.mul, torch.mul, operator.truediv) or (
+        user.op == "call_method" and user.target in ("mul", "div")
     ):
-        # Times a number: MulBackward keeps the number only.
-        return not any(isinstance(a, Node) for a in user.args if a is not value)
+        # Times (or divided by) a number: the backward keeps the number only. h / t keeps h for
+        # t's gradient, t / h keeps h.
+        divides = user.target is operator.truediv or user.target == "div"
+        return not any(isinstance(a, Node) for a in user.args if a is not value) and (
+            not divides or user.args[0] is value)
     p = _dropout_p(user, modules)
     if p is not None and p > 0:
         return True  # keeps its mask; its output is a new tensor
