@@ -87,7 +87,7 @@ def _grads(model, ids, run):
     # BertIntermediate's GELU and BertOutput's Linear are siblings: the runtime front end links
     # them; LayerNorm -> query/key/value and -> intermediate.dense likewise.
     (_bert, 30.0, {"recompute"}),
-    (_gpt2, 35.0, {"recompute"}),  # gelu_new written out: a cheap module
+    (_gpt2, 55.0, {"recompute"}),  # gelu_new written out: a cheap module; Conv1D is torch.addmm
     (_t5, 40.0, {"recompute"}),  # T5LayerNorm reads self.weight.dtype; gelu_new inside a traced MLP
 ], ids=["llama", "qwen2", "gemma", "bert", "gpt2", "t5"])
 def test_recompute_reaches_models_fx_cannot_trace_whole(build, least, kinds):
@@ -340,9 +340,10 @@ def test_recomputed_module_adds_gradients_in_natives_order(dtype):
     assert lean.rewrite_report.counts()["graph_rewrite.recompute_module"] == 1
 
 
-def test_llama_float32_gradients_bitwise():
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_float32_gradients_bitwise(build):
     torch.manual_seed(0)
-    model, run = _llama()
+    model, run = build()
     model.train()
     lean = graph_rewrite.optimize(model)
     ids = torch.randint(0, 256, (2, 16))

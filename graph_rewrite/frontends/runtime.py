@@ -89,7 +89,7 @@ def _recomputable(node: Any) -> Optional[Tuple[str, str, float]]:
 
 
 _F = torch.nn.functional
-_CONSUMERS = {"linear": (_F.linear,), "conv": (_F.conv1d, _F.conv2d, _F.conv3d),
+_CONSUMERS = {"linear": (_F.linear, torch.addmm), "conv": (_F.conv1d, _F.conv2d, _F.conv3d),
               "mul": (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)}
 # The norms whose output the mode remembers (weakly) with their inputs: F.layer_norm for a
 # Linear after it, F.batch_norm and F.group_norm for an activation after them (kind "norm").
@@ -273,6 +273,15 @@ def _norm_inputs(node: Any, made: Optional[tuple], kind: str) -> Optional[Tuple[
 
 def _read_consumer(name: str, args: tuple, kwargs: dict) -> Optional[Tuple[Any, tuple]]:
     """(h, the op's arguments after ``act``) of a consumer call, or None where the op cannot serve it."""
+    if name == "linear" and len(args) == 3 and not kwargs and all(isinstance(a, Tensor) for a in args) \
+            and args[0].dim() == 1 and args[1].dim() == 2:
+        # torch.addmm(bias, h.view(-1, k), weight): Hugging Face's Conv1D. h is the view's base.
+        bias, rows, weight = args
+        h = rows._base
+        if h is None or not h.is_contiguous() or rows.shape != (h.numel() // max(h.shape[-1], 1), h.shape[-1]) \
+                or rows.stride() != (h.shape[-1], 1) or rows.storage_offset() != h.storage_offset():
+            return None
+        return h, (weight, bias, True)
     if name == "linear":
         a = dict(zip(("input", "weight", "bias"), args), **kwargs)  # F.linear has no inspectable signature
         if set(a) - {"input", "weight", "bias"} or not isinstance(a.get("weight"), Tensor):
@@ -421,6 +430,8 @@ class LeanFunctionMode(TorchFunctionMode):
         if found is None or (consumer.name == "mul" and rest[0] is h):
             return func(*args, **kwargs)
         x, act, act_arg, extra, detail = found
+        if consumer.name == "linear" and len(rest) == 3:  # addmm: (weight, bias, True)
+            rest, extra = rest[:2], {**extra, "addmm": True}
         self._record(consumer, spelling, {"act_arg": act_arg} if act_arg else {}, kind="recompute", detail=detail)
         return consumer.op(x, h, act, *rest, act_arg=act_arg, **extra)
 

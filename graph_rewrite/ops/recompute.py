@@ -12,7 +12,8 @@ Each op takes ``(x, h, act, <the consumer's own arguments>, act_arg)``: ``h`` is
 what forward uses (the native activation already computed it), ``act`` names the
 activation in :data:`ACTIVATIONS` and ``act_arg`` is its one parameter (ELU's alpha).
 ``recompute_linear`` also takes ``gate``: then ``h`` is ``act(x) * gate``, the
-gated MLP of LLaMA-style models, and only ``x`` and ``gate`` are kept. It also
+gated MLP of LLaMA-style models, and only ``x`` and ``gate`` are kept. With ``addmm`` it is
+``torch.addmm(bias, h.view(-1, k), weight)`` (Hugging Face's ``Conv1D`` in GPT-2). It also
 recomputes a LayerNorm (``act="layer_norm"``, ``act_arg`` its eps, ``norm_shape``,
 ``norm_weight`` and ``norm_bias`` the rest of its arguments): LayerNorm keeps its
 input too, and recomputing it is the same row-wise kernel on the same input.
@@ -197,7 +198,10 @@ def _keep_no_copy_of_input(x: Tensor, h: Tensor, act: str, act_arg: float, gate:
 # --------------------------------------------------------------------------- linear
 def _linear_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor] = None,
                    gate: Optional[Tensor] = None, act_arg: float = 0.0, norm_shape: Sequence[int] = (),
-                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None) -> Tensor:
+                   norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None,
+                   addmm: bool = False) -> Tensor:
+    if addmm:  # HF's Conv1D (GPT-2): addmm(bias, h.view(-1, k), weight), weight laid out (k, n)
+        return torch.addmm(bias, _rows(h), weight)
     out = F.linear(h, weight, bias)
     # On a 3-D input F.linear views its 2-D result back to 3-D. A view made inside an
     # autograd.Function may not be changed in place (``h += x`` after a transformer's MLP);
@@ -220,14 +224,31 @@ def linear_backward(grad: Tensor, h: Tensor, weight: Tensor, needs: Sequence[boo
     return [gh, gw, gb]
 
 
+def _rows(h: Tensor) -> Tensor:
+    return h.view(math.prod(h.shape[:-1]), h.shape[-1])
+
+
+def addmm_backward(grad: Tensor, h: Tensor, weight: Tensor, needs: Sequence[bool]) -> List[Optional[Tensor]]:
+    """Gradients of ``torch.addmm(bias, h.view(-1, k), weight)`` for (h, weight, bias), as native's
+    AddmmBackward0 forms them (``mm_mat1_backward``/``mm_mat2_backward`` for a row-major h)."""
+    h2 = _rows(h)
+    gh = grad.mm(weight.t()).view(h.shape) if needs[0] else None
+    gw = None
+    if needs[1]:
+        column_major = weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+        gw = grad.t().mm(h2).t() if column_major else h2.t().mm(grad)
+    gb = grad.sum_to_size(grad.shape[-1:]) if needs[2] else None
+    return [gh, gw, gb]
+
+
 class _RecomputeLinear(torch.autograd.Function):
     """Keeps x (and gate, or LayerNorm's weight and bias); recomputes h = act(x) [* gate] in backward."""
 
     @staticmethod
-    def forward(ctx, x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias):
+    def forward(ctx, x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias, addmm):
         out = _forward(torch.ops.graph_rewrite.recompute_linear.default, _linear_kernel,
-                       x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias)
-        ctx.act, ctx.act_arg, ctx.norm_shape = act, act_arg, list(norm_shape)
+                       x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias, addmm)
+        ctx.act, ctx.act_arg, ctx.norm_shape, ctx.addmm = act, act_arg, list(norm_shape), addmm
         _save(ctx, _norm_node(h) if gate is None else None, x, weight, gate, norm_weight, norm_bias)
         return out
 
@@ -237,20 +258,21 @@ class _RecomputeLinear(torch.autograd.Function):
         h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
                                  (ctx.norm_shape, norm_weight, norm_bias))
         needs = ctx.needs_input_grad
-        gh, gw, gb = linear_backward(grad, h, weight, (needs[1], needs[3], needs[4]))
-        return None, gh, None, gw, gb, None, None, None, None, None
+        backward = addmm_backward if ctx.addmm else linear_backward
+        gh, gw, gb = backward(grad, h, weight, (needs[1], needs[3], needs[4]))
+        return None, gh, None, gw, gb, None, None, None, None, None, None
 
 
 def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0, norm_shape=(), norm_weight=None,
-                     norm_bias=None):
+                     norm_bias=None, addmm=False):
     with _keep_no_copy_of_input(x, h, act, act_arg, gate, (list(norm_shape), norm_weight, norm_bias),
                                 _norm_node(h) if gate is None else None):
-        return F.linear(h, weight, bias)
+        return torch.addmm(bias, _rows(h), weight) if addmm else F.linear(h, weight, bias)
 
 
 _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
         "Tensor? gate=None, float act_arg=0.0, int[] norm_shape=[], Tensor? norm_weight=None, "
-        "Tensor? norm_bias=None) -> Tensor",
+        "Tensor? norm_bias=None, bool addmm=False) -> Tensor",
         _linear_kernel, _linear_kernel, _RecomputeLinear, needs_graph=_any_requires_grad, under_autocast=_linear_autocast)
 
 
