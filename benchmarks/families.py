@@ -111,6 +111,8 @@ MODELS: Dict[str, Callable[[], Tuple[Any, Callable, str]]] = {
     "mistral": _hf("MistralConfig", "MistralForCausalLM", **SMALL),
     "gemma": _hf("GemmaConfig", "GemmaForCausalLM", head_dim=16, **SMALL),
     "mixtral": _hf("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2, **SMALL),
+    "mixtral_eager": _hf("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+                         experts_implementation="eager", **SMALL),
     "gpt2": _hf("GPT2Config", "GPT2LMHeadModel", n_embd=64, n_layer=2, n_head=4, use_cache=False, attn_pdrop=0.0,
                 resid_pdrop=0.0, embd_pdrop=0.0),
     "bert": _hf("BertConfig", "BertModel", pick="last_hidden_state", hidden_size=64, intermediate_size=256,

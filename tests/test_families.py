@@ -51,6 +51,15 @@ def _t5():
             lambda m, ids: m(input_ids=ids, decoder_input_ids=ids).logits)
 
 
+def _mixtral(experts: str = "grouped_mm"):
+    def build():
+        config = transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4, num_local_experts=4,
+                                            num_experts_per_tok=2, use_cache=False, experts_implementation=experts)
+        return transformers.MixtralForCausalLM(config), lambda m, ids: m(input_ids=ids).logits
+    return build
+
+
 def _assert_same_steps(model, other, x):
     """One forward and backward each on ``x``: outputs, input and parameter gradients bit for bit."""
     steps = []
@@ -89,7 +98,8 @@ def _grads(model, ids, run):
     (_bert, 30.0, {"recompute"}),
     (_gpt2, 55.0, {"recompute"}),  # gelu_new written out: a cheap module; Conv1D is torch.addmm
     (_t5, 40.0, {"recompute"}),  # T5LayerNorm reads self.weight.dtype; gelu_new inside a traced MLP
-], ids=["llama", "qwen2", "gemma", "bert", "gpt2", "t5"])
+    (_mixtral("eager"), 32.0, {"recompute"}),  # a Python loop over experts: act(gate) * up, then F.linear
+], ids=["llama", "qwen2", "gemma", "bert", "gpt2", "t5", "mixtral_eager"])
 def test_recompute_reaches_models_fx_cannot_trace_whole(build, least, kinds):
     torch.manual_seed(0)
     model, run = build()
@@ -351,3 +361,22 @@ def test_float32_gradients_bitwise(build):
     y1, g1 = _grads(lean, ids, run)
     assert torch.equal(y0, y1) and g0.keys() == g1.keys()
     assert [n for n in g0 if not torch.equal(g0[n], g1[n])] == []
+
+
+def test_mixture_of_experts_grouped_mm_keeps_the_gate_not_the_product():
+    # transformers' default experts call torch._grouped_mm (float32/bfloat16 only) on act(gate) * up:
+    # it runs natively, its saved input made again in backward from gate and up.
+    torch.manual_seed(0)
+    model, run = _mixtral()()
+    model.train()
+    lean = graph_rewrite.optimize(model)
+    ids = torch.randint(0, 256, (2, 16))
+    before, after = _held(model, ids, run), _held(lean, ids, run)
+    assert 100 * (before - after) / before >= 33.0, (before, after)
+    assert lean.rewrite_report.counts()["torch._grouped_mm (native, keeps x)"] == 2  # one site per layer
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y0, g0 = _grads(model, ids, run)
+            y1, g1 = _grads(lean, ids, run)
+        assert torch.equal(y0, y1) and g0.keys() == g1.keys()
+        assert [n for n in g0 if not torch.equal(g0[n], g1[n])] == []

@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..report import LeftAlone, Replaced, RewriteReport
-from ..ops.recompute import _RecomputeMul, _norm_node
+from ..ops.recompute import _RecomputeMul, _norm_node, call_keeping_input
 from ..rules import Consumer, Norm, Recomputable, Rule, pattern_name, rules_for
 from .fx_pass import NATIVE_KEEPS_OUTPUT, inplace_name, lean_op_name
 
@@ -91,6 +91,11 @@ def _recomputable(node: Any) -> Optional[Tuple[str, str, float]]:
 _F = torch.nn.functional
 _CONSUMERS = {"linear": (_F.linear, torch.addmm), "conv": (_F.conv1d, _F.conv2d, _F.conv3d),
               "mul": (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)}
+# Consumers with no lean op of their own, run natively under saved-tensor hooks that keep x, not h
+# (ops.recompute.call_keeping_input), by the Consumer rule named here; their first argument is h.
+# Hugging Face's mixture-of-experts layers call grouped_mm by default.
+_NATIVE_CONSUMERS = {"linear": tuple(f for f in (getattr(_F, "grouped_mm", None), getattr(torch, "_grouped_mm", None))
+                                     if f is not None)}
 # The norms whose output the mode remembers (weakly) with their inputs: F.layer_norm for a
 # Linear after it, F.batch_norm and F.group_norm for an activation after them (kind "norm").
 _NORM_CALLS = {
@@ -107,7 +112,7 @@ def _consumer_table(rules: Sequence[Rule]) -> Dict[Any, Tuple[Any, str, frozense
     table = {}
     for rule in rules:
         if isinstance(rule, Consumer) and acts:
-            for func in _CONSUMERS.get(rule.name, ()):
+            for func in _CONSUMERS.get(rule.name, ()) + _NATIVE_CONSUMERS.get(rule.name, ()):
                 table[func] = (rule, pattern_name(func), acts)
     return table
 
@@ -416,8 +421,9 @@ class LeanFunctionMode(TorchFunctionMode):
         consumer, spelling, acts = self.consumers[func]
         if not torch.is_grad_enabled() or self._under_other_hooks():  # checkpointed: unpacking would be wrong
             return func(*args, **kwargs)
+        native = func in _NATIVE_CONSUMERS.get(consumer.name, ())
         try:
-            call = _read_consumer(consumer.name, args, kwargs)
+            call = (args[0], ()) if native and args else _read_consumer(consumer.name, args, kwargs)
         except (TypeError, ValueError):
             call = None
         found = None
@@ -432,7 +438,10 @@ class LeanFunctionMode(TorchFunctionMode):
         x, act, act_arg, extra, detail = found
         if consumer.name == "linear" and len(rest) == 3:  # addmm: (weight, bias, True)
             rest, extra = rest[:2], {**extra, "addmm": True}
-        self._record(consumer, spelling, {"act_arg": act_arg} if act_arg else {}, kind="recompute", detail=detail)
+        self._record(consumer, spelling, {"act_arg": act_arg} if act_arg else {}, kind="recompute", detail=detail,
+                     op=f"{spelling} (native, keeps x)" if native else "")
+        if native:
+            return call_keeping_input(func, args, kwargs, x, h, act, act_arg, **extra)
         return consumer.op(x, h, act, *rest, act_arg=act_arg, **extra)
 
     def _producer(self, h: Any, consumer: str, acts: frozenset,
@@ -524,13 +533,13 @@ class LeanFunctionMode(TorchFunctionMode):
         return x, params
 
     def _record(self, rule: Any, spelling: str, params: Dict[str, float], kind: str = "output",
-                detail: str = "") -> None:
+                detail: str = "", op: str = "") -> None:
         site, frame = _call_site()
         key = (site, spelling, "replaced")
         if key in self._seen:
             return
         self._seen.add(key)
-        op = {"output": lambda: lean_op_name(rule), "norm": lambda: "graph_rewrite.norm_act"}.get(
+        op = op or {"output": lambda: lean_op_name(rule), "norm": lambda: "graph_rewrite.norm_act"}.get(
             kind, lambda: f"graph_rewrite.recompute_{rule.name}")()
         self.report.replaced.append(
             Replaced("-", self._module_path(frame), spelling, op, params, site=site, kind=kind, detail=detail)

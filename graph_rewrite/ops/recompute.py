@@ -195,6 +195,20 @@ def _keep_no_copy_of_input(x: Tensor, h: Tensor, act: str, act_arg: float, gate:
     return _keep_no_copy_of(h, remake, None if norm_node is not None else x, gate, norm_weight, norm_bias)
 
 
+def call_keeping_input(func: Callable[..., Tensor], args: tuple, kwargs: dict, x: Tensor, h: Tensor, act: str,
+                       act_arg: float = 0.0, gate: Optional[Tensor] = None, norm_shape: Sequence[int] = (),
+                       norm_weight: Optional[Tensor] = None, norm_bias: Optional[Tensor] = None) -> Tensor:
+    """``func(*args, **kwargs)``, a native consumer of h = act(x) [* gate] (or of a LayerNorm's or a lean
+    producer's output), run so that it keeps no copy of h: backward makes h again from x.
+
+    For consumers with no lean op of their own (``F.grouped_mm`` of a mixture of experts): the
+    native op's forward, backward and gradient order, so bit for bit native's by construction.
+    """
+    with _keep_no_copy_of_input(x, h, act, act_arg, gate, (list(norm_shape), norm_weight, norm_bias),
+                                _norm_node(h) if gate is None else None):
+        return func(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- linear
 def _linear_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor] = None,
                    gate: Optional[Tensor] = None, act_arg: float = 0.0, norm_shape: Sequence[int] = (),
