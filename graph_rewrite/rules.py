@@ -436,9 +436,10 @@ RULES: Tuple[Any, ...] = (
     Recomputable("elu", F.elu, {"alpha": 1.0}, (nn.ELU, F.elu), _alpha("elu"), outplace=False),
     Recomputable("celu", F.celu, {"alpha": 1.0}, (nn.CELU, F.celu), _alpha("celu"), outplace=False),
     Recomputable("selu", F.selu, {}, (nn.SELU, F.selu), _plain("selu"), outplace=False),
-    # LayerNorm keeps its input; the Linear after it (ViT's MLP, ConvNeXt's pwconv1) can too.
+    # LayerNorm keeps its input; the Linear after it (ViT's MLP, ConvNeXt's pwconv1) can too, and so can
+    # the convolution after a LayerNorm2d (layer_norm of a permute, permuted back).
     Recomputable("layer_norm", F.layer_norm, {"normalized_shape": None, "weight": None, "bias": None, "eps": 1e-5},
-                 (nn.LayerNorm, F.layer_norm), _layer_norm, consumers=("linear",)),
+                 (nn.LayerNorm, F.layer_norm), _layer_norm, consumers=("linear", "conv")),
     Consumer("linear", torch.ops.graph_rewrite.recompute_linear, (nn.Linear, F.linear), _read_linear, gated=True),
     Consumer("conv", torch.ops.graph_rewrite.recompute_conv,
              (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d), _read_conv),

@@ -119,8 +119,17 @@ def test_layer_norm_output_is_not_kept_for_the_linear_after_it(spelling):
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_layer_norm_before_anything_but_a_linear_is_left_alone_and_said_so():
-    model = nn.Sequential(nn.LayerNorm(8), nn.Conv1d(3, 3, 1))  # (LayerNorm -> Conv: no consumer rule)
+class _LayerNormThenMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln, self.w = nn.LayerNorm(8), nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x):
+        return self.ln(x) @ self.w  # matmul: no consumer rule
+
+
+def test_layer_norm_before_anything_but_a_linear_or_conv_is_left_alone_and_said_so():
+    model = _LayerNormThenMatmul()
     lean = optimize(model)
     assert not [r for r in lean.rewrite_report.replaced if r.kind == "recompute"]
     assert any("recompute" in a.reason and a.original == "nn.LayerNorm" for a in lean.rewrite_report.left_alone)
@@ -501,3 +510,52 @@ def test_metadata_reads_and_numbers_keep_nothing(how, freed):
     ref = torch.autograd.grad(model(x).sum(), [x, *model.parameters()])
     got = torch.autograd.grad(lean(x).sum(), [x, *model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+class _LayerNorm2dThenConv(nn.Module):
+    """ConvNeXt's LayerNorm2d (layer_norm over channels of an NCHW tensor, through permutes) before a
+    1x1 convolution, and a downsampling 2x2 convolution after another. ``how`` varies the view."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.ln1, self.ln2, self.how = nn.LayerNorm(8), nn.LayerNorm(8), how
+        self.pw, self.down = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 2, stride=2)
+
+    def _ln2d(self, ln, x):
+        u = ln(x.permute(0, 2, 3, 1))
+        if self.how == "reshape":  # may be a copy: left alone
+            return u.reshape(u.shape).permute(0, 3, 1, 2)
+        return u.permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        x = x * 2.0
+        h = x + self.pw(self._ln2d(self.ln1, x))
+        return self.down(self._ln2d(self.ln2, h))
+
+
+@pytest.mark.parametrize("how,freed", [("permute", 2), ("reshape", 0)])
+def test_layer_norm_2d_then_conv_keeps_the_norm_input_only(how, freed):
+    torch.manual_seed(0)
+    model = _LayerNorm2dThenConv(how).double()
+    lean = optimize(model)
+    assert lean.rewrite_report.counts().get("graph_rewrite.recompute_conv", 0) == freed
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
+    after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])
+    assert before - after == freed * x.numel() * 8  # each LayerNorm output, kept natively by its conv
+    for dtype, autocast in ((torch.float64, False), (torch.float32, False), (torch.float32, True)):
+        m, xx = model.to(dtype), x.detach().to(dtype).requires_grad_()
+        fast = optimize(m)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            ref = torch.autograd.grad(m(xx).float().sum(), [xx, *m.parameters()])
+            got = torch.autograd.grad(fast(xx).float().sum(), [xx, *m.parameters()])
+        assert all(torch.equal(a, b) for a, b in zip(ref, got)), (dtype, autocast)
+
+
+def test_layer_norm_2d_then_conv_gradcheck_and_gradgradcheck():
+    torch.manual_seed(0)
+    lean = optimize(_LayerNorm2dThenConv("permute").double())
+    assert lean.rewrite_report.counts() == {"graph_rewrite.recompute_conv": 2}
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lean, (x,))
+    assert torch.autograd.gradgradcheck(lean, (x,))

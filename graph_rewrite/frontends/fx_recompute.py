@@ -113,6 +113,19 @@ def _is_alias(user: Node, modules: Mapping[str, nn.Module]) -> bool:
     return _dropout_p(user, modules) == 0.0
 
 
+# Views that always return a view of their first argument (never a copy): a consumer may take h
+# through them, and its op lays the recomputed h out as that view (``ops.recompute._as_geometry``).
+_STRICT_VIEWS = {torch.permute, torch.transpose, torch.t, torch.unsqueeze, torch.squeeze, torch.movedim,
+                 torch.swapaxes, torch.narrow, torch.select, torch.unflatten,
+                 "permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "swapaxes", "narrow", "select",
+                 "unflatten", "view", "view_as", "expand", "expand_as"}
+
+
+def _strict_view(user: Node, value: Node) -> bool:
+    return user.op in ("call_function", "call_method") and user.target in _STRICT_VIEWS \
+        and bool(user.args) and user.args[0] is value
+
+
 def _match_consumer(user: Node, consumers: Sequence[Consumer], modules) -> Optional[Tuple[Consumer, Any]]:
     for c in consumers:
         for pattern in c.patterns:
@@ -128,23 +141,23 @@ def _plan(h: Node, consumers: Sequence[Consumer], modules) -> List[Tuple[Node, N
     """
     plan = []
 
-    def visit(value: Node, through_view: bool) -> None:
+    def visit(value: Node, through_view: bool, strict: bool) -> None:
         for user in list(value.users):
             if user.op == "output":
                 raise _Keeps("the model returns it")
             if _keeps_nothing(user, value, modules):
                 continue
             if _is_alias(user, modules):
-                visit(user, through_view)
+                visit(user, through_view, strict)
                 continue
             if is_view(user, modules):
-                visit(user, True)
+                visit(user, True, strict and _strict_view(user, value))
                 continue
             found = _match_consumer(user, consumers, modules)
             if found is None:
                 raise _Keeps(f"{user.name} ({user.op} {getattr(user.target, '__name__', user.target)}) may keep it")
-            if through_view:
-                raise _Keeps(f"{user.name} keeps a view of it")
+            if through_view and not (strict and found[0].name in ("linear", "conv")):
+                raise _Keeps(f"{user.name} keeps a view of it that may be a copy")
             rule, pattern = found
             try:
                 args = rule.read(user, value, modules)
@@ -152,7 +165,7 @@ def _plan(h: Node, consumers: Sequence[Consumer], modules) -> List[Tuple[Node, N
                 raise _Keeps(f"{user.name} ({pattern_name(pattern)}) keeps it: {e}") from None
             plan.append((user, value, rule, pattern, args))
 
-    visit(h, False)
+    visit(h, False, True)
     return plan
 
 

@@ -91,6 +91,19 @@ def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Ten
     return h if gate is None else h * gate
 
 
+def _geometry(h: Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...], int]:
+    return tuple(h.shape), h.stride(), h.storage_offset()
+
+
+def _as_geometry(u: Tensor, geometry: Tuple[Tuple[int, ...], Tuple[int, ...], int]) -> Tensor:
+    """The recomputed activation ``u`` laid out as the consumer's ``h`` was: h may be a view of it
+    (LayerNorm2d's ``permute`` before a 1x1 convolution), which the consumer's backward reads as such."""
+    shape, stride, offset = geometry
+    if tuple(u.shape) == shape and u.stride() == stride and u.storage_offset() == offset:
+        return u
+    return u.as_strided(shape, stride, offset)
+
+
 def _any_requires_grad(*args) -> bool:
     return any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
@@ -168,7 +181,7 @@ def _keep_no_copy_of(h: Tensor, remake: Callable[..., Tensor], *tensors: Optiona
 
     def pack(t):
         base = t if t._base is None else t._base
-        if _made_from(base, h):
+        if _made_from(t, h) or _made_from(base, h):
             return _Again(remake, held.pack(), t)
         return (outer[0](t),) if outer is not None else (t,)
 
@@ -185,13 +198,13 @@ def _keep_no_copy_of_input(x: Tensor, h: Tensor, act: str, act_arg: float, gate:
                            norm=None, norm_node=None):
     """:func:`_keep_no_copy_of` for a consumer's h = act(x) [* gate], a LayerNorm's output, or a lean
     producer's (``norm_node``): made again under the forward's autocast state (read now)."""
-    state = _autocast_state()
+    state, geometry = _autocast_state(), _geometry(h)
     shape, norm_weight, norm_bias = norm if norm is not None else ((), None, None)
 
     def remake(x, gate, norm_weight, norm_bias) -> Tensor:
         with _as_forward_ran(state):
             a = x if norm_node is None else norm_output(norm_node)
-            return recompute_activation(a, act, act_arg, gate, (shape, norm_weight, norm_bias))
+            return _as_geometry(recompute_activation(a, act, act_arg, gate, (shape, norm_weight, norm_bias)), geometry)
     return _keep_no_copy_of(h, remake, None if norm_node is not None else x, gate, norm_weight, norm_bias)
 
 
@@ -263,14 +276,15 @@ class _RecomputeLinear(torch.autograd.Function):
         out = _forward(torch.ops.graph_rewrite.recompute_linear.default, _linear_kernel,
                        x, h, act, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias, addmm)
         ctx.act, ctx.act_arg, ctx.norm_shape, ctx.addmm = act, act_arg, list(norm_shape), addmm
+        ctx.geometry = _geometry(h)
         _save(ctx, _norm_node(h) if gate is None else None, x, weight, gate, norm_weight, norm_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (x, weight, gate, norm_weight, norm_bias), norm = _unpack(ctx)
-        h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
-                                 (ctx.norm_shape, norm_weight, norm_bias))
+        h = _as_geometry(recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
+                                              (ctx.norm_shape, norm_weight, norm_bias)), ctx.geometry)
         needs = ctx.needs_input_grad
         backward = addmm_backward if ctx.addmm else linear_backward
         gh, gw, gb = backward(grad, h, weight, (needs[1], needs[3], needs[4]))
@@ -292,7 +306,9 @@ _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bi
 
 # --------------------------------------------------------------------------- convolution
 def _conv_kernel(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor], stride: List[int],
-                 padding: List[int], dilation: List[int], groups: int, act_arg: float = 0.0) -> Tensor:
+                 padding: List[int], dilation: List[int], groups: int, act_arg: float = 0.0,
+                 norm_shape: Sequence[int] = (), norm_weight: Optional[Tensor] = None,
+                 norm_bias: Optional[Tensor] = None) -> Tensor:
     conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
     return conv(h, weight, bias, stride, padding, dilation, groups)
 
@@ -314,33 +330,40 @@ def conv_backward(grad: Tensor, h: Tensor, weight: Tensor, has_bias: bool, strid
 
 
 class _RecomputeConv(torch.autograd.Function):
-    """Keeps x; recomputes h = act(x) in backward."""
+    """Keeps x (or LayerNorm's input, weight and bias); recomputes h = act(x) in backward, laid out as
+    forward's h (a view of it after LayerNorm2d's permute)."""
 
     @staticmethod
-    def forward(ctx, x, h, act, weight, bias, stride, padding, dilation, groups, act_arg):
+    def forward(ctx, x, h, act, weight, bias, stride, padding, dilation, groups, act_arg, norm_shape, norm_weight,
+                norm_bias):
         out = _forward(torch.ops.graph_rewrite.recompute_conv.default, _conv_kernel,
-                       x, h, act, weight, bias, stride, padding, dilation, groups, act_arg)
-        ctx.act, ctx.act_arg = act, act_arg
+                       x, h, act, weight, bias, stride, padding, dilation, groups, act_arg, norm_shape, norm_weight,
+                       norm_bias)
+        ctx.act, ctx.act_arg, ctx.norm_shape, ctx.geometry = act, act_arg, list(norm_shape), _geometry(h)
         ctx.conv = (bias is not None, stride, padding, dilation, groups)
-        _save(ctx, _norm_node(h), x, weight)
+        _save(ctx, _norm_node(h), x, weight, norm_weight, norm_bias)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (x, weight), norm = _unpack(ctx)
-        h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg)
+        (x, weight, norm_weight, norm_bias), norm = _unpack(ctx)
+        h = _as_geometry(recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, None,
+                                              (ctx.norm_shape, norm_weight, norm_bias)), ctx.geometry)
         needs = ctx.needs_input_grad
         gh, gw, gb = conv_backward(grad, h, weight, *ctx.conv, (needs[1], needs[3], needs[4]))
-        return None, gh, None, gw, gb, None, None, None, None, None
+        return None, gh, None, gw, gb, None, None, None, None, None, None, None, None
 
 
-def _conv_autocast(x, h, act, weight, bias, stride, padding, dilation, groups, act_arg=0.0):
-    with _keep_no_copy_of_input(x, h, act, act_arg, norm_node=_norm_node(h)):
+def _conv_autocast(x, h, act, weight, bias, stride, padding, dilation, groups, act_arg=0.0, norm_shape=(),
+                   norm_weight=None, norm_bias=None):
+    with _keep_no_copy_of_input(x, h, act, act_arg, None, (list(norm_shape), norm_weight, norm_bias),
+                                _norm_node(h)):
         return _conv_kernel(x, h, act, weight, bias, stride, padding, dilation, groups)
 
 
 _define("recompute_conv(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
-        "int[] dilation, int groups, float act_arg=0.0) -> Tensor",
+        "int[] dilation, int groups, float act_arg=0.0, int[] norm_shape=[], Tensor? norm_weight=None, "
+        "Tensor? norm_bias=None) -> Tensor",
         _conv_kernel, _conv_kernel, _RecomputeConv, needs_graph=_any_requires_grad, under_autocast=_conv_autocast)
 
 
