@@ -30,8 +30,8 @@ __all__ = ["RewrittenModule"]
 
 AUTOCAST_NOTE = (
     "under autocast, recompute consumers run the native layer (autocast's casts and cached weights) keeping no "
-    "copy of their input, which backward makes again with the forward's autocast state; kind \"norm\" stays "
-    "native there (its activation keeps the norm's output)"
+    "copy of their input, which backward makes again with the forward's autocast state; norm_act keeps the "
+    "input the norm's kernel got (autocast's cast of it, where autocast casts) and reruns that kernel"
 )
 
 # Per-module containers that a shallow copy would otherwise share with the original.

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import _define, _forward, _is_traced
+from .activations import _autocast_on, _define, _forward, _is_traced
 
 __all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul", "norm_act", "recompute_module"]
 
@@ -459,14 +459,15 @@ def _norm_again(ctx, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tens
     ``torch.set_num_threads`` between forward and backward can move h by a rounding.
     """
     z, weight, bias, running_mean, running_var = ctx.saved_tensors if saved is None else saved
-    if ctx.groups:
-        return torch.group_norm(z, ctx.groups, weight, bias, ctx.eps, torch.backends.cudnn.enabled)
-    if ctx.training and ctx.buffers is not None:
-        c, dtype = ctx.buffers
-        running_mean = torch.zeros(c, dtype=dtype, device=z.device)
-        running_var = torch.ones(c, dtype=dtype, device=z.device)
-    return torch.batch_norm(z, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps,
-                            torch.backends.cudnn.enabled)
+    with _as_forward_ran(ctx.autocast):  # autocast's casts as in forward (CUDA's float32 GroupNorm)
+        if ctx.groups:
+            return torch.group_norm(z, ctx.groups, weight, bias, ctx.eps, torch.backends.cudnn.enabled)
+        if ctx.training and ctx.buffers is not None:
+            c, dtype = ctx.buffers
+            running_mean = torch.zeros(c, dtype=dtype, device=z.device)
+            running_var = torch.ones(c, dtype=dtype, device=z.device)
+        return torch.batch_norm(z, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps,
+                                torch.backends.cudnn.enabled)
 
 
 # A lean producer is the autograd node of an op that made h without keeping it, and can make it
@@ -537,6 +538,7 @@ class _NormAct(torch.autograd.Function):
         out = _forward(torch.ops.graph_rewrite.norm_act.default, _norm_act_kernel,
                        h, z, act, weight, bias, running_mean, running_var, eps, act_arg, groups)
         ctx.act, ctx.act_arg, ctx.eps, ctx.groups, ctx.cache = act, act_arg, eps, groups, None
+        ctx.autocast = _autocast_state()
         if _is_traced(h):
             training = None
         elif groups:
@@ -548,6 +550,15 @@ class _NormAct(torch.autograd.Function):
             ctx.save_for_backward(h)
             return out
         ctx.training = training
+        if _autocast_on(h):
+            # The input the norm's kernel got (autocast's cast of z where it casts), kept by its node
+            # anyway; the recompute then runs that kernel on it again.
+            try:
+                z = h.grad_fn._saved_input
+            except RuntimeError:  # changed in place since: keep h, as native does
+                ctx.lean = False
+                ctx.save_for_backward(h)
+                return out
         ctx.buffers = None if running_mean is None else (running_mean.shape[0], running_mean.dtype)
         # Running statistics only in eval mode: in training forward updates them in place.
         stats = (running_mean, running_var) if not training and not groups else (None, None)
@@ -573,13 +584,9 @@ class _NormAct(torch.autograd.Function):
         return (gh, *nones)
 
 
-def _norm_act_autocast(h, z, act, weight, bias, running_mean, running_var, eps, act_arg=0.0, groups=0):
-    return ACTIVATIONS[act](h, act_arg)  # native: keeps autocast's dtypes, and h
-
-
 _define("norm_act(Tensor h, Tensor z, str act, Tensor? weight, Tensor? bias, Tensor? running_mean, "
         "Tensor? running_var, float eps, float act_arg=0.0, int groups=0) -> Tensor",
-        _norm_act_kernel, _norm_act_kernel, _NormAct, under_autocast=_norm_act_autocast)
+        _norm_act_kernel, _norm_act_kernel, _NormAct)
 
 
 # --------------------------------------------------------------------------- a cheap module
