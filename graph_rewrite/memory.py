@@ -4,7 +4,7 @@ Counted with ``torch.autograd.graph.saved_tensors_hooks``: every storage saved
 for backward is remembered through a weak reference, and when forward returns
 only the storages still alive count, each once (views share their base's
 storage). Storages of ``exclude`` (parameters, buffers, given inputs) are left
-out. This is the measurement of shared/seeds/000 made device-independent.
+out. It counts on every device alike, with no allocator statistics.
 
 Why weak references and not addresses: a branch of the graph that forward drops
 (a detached statistic, detection post-processing) frees what it saved, and the
@@ -36,7 +36,8 @@ def storage_key(t: Tensor) -> Tuple[str, int]:
 
 
 def saved_bytes(
-    fn: Callable[[], Any], exclude: Iterable[Tensor] = (), include_outputs: bool = False
+    fn: Callable[[], Any], exclude: Iterable[Tensor] = (), include_outputs: bool = False,
+    exclude_casts: bool = False,
 ) -> Tuple[int, Any]:
     """Run ``fn()`` and return (bytes autograd holds for backward when it returns, fn's result).
 
@@ -45,6 +46,10 @@ def saved_bytes(
     storages of ``exclude`` do not count. With ``include_outputs`` the tensors
     ``fn`` returns count too (what is held after forward when the caller keeps
     the outputs). The same call measured twice gives the same figure.
+
+    With ``exclude_casts`` the dtype casts of ``exclude``'s tensors that require grad do not
+    count either: under autocast, the low-precision weight copies it makes and keeps for
+    backward, whose size goes with the weights, not with the activations.
 
     >>> lin = torch.nn.Linear(1024, 1024)
     >>> n, _ = saved_bytes(lambda: torch.nn.functional.softplus(lin(torch.randn(256, 1024))),
@@ -59,6 +64,8 @@ def saved_bytes(
         if t.device.type != "meta":
             ref = StorageWeakRef(t.untyped_storage())
             saved.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+            if exclude_casts and _cast_of_excluded(t, excluded):
+                excluded.add(ref.cdata)
         # Not ``t`` itself: a saved output packed with its own grad_fn forms a cycle
         # that keeps a dropped branch alive. Unpacking restores the autograd metadata.
         return t.detach()
@@ -72,6 +79,15 @@ def saved_bytes(
             if key not in excluded:
                 held[key] = t.untyped_storage().nbytes()
     return sum(held.values()), out
+
+
+def _cast_of_excluded(t: Tensor, excluded: set) -> bool:
+    """Whether ``t`` (or the tensor it views) is a dtype copy of an excluded leaf (autocast's weight cast)."""
+    node = (t if t._base is None else t._base).grad_fn
+    if type(node).__name__ != "ToCopyBackward0":
+        return False
+    leaf = getattr(node.next_functions[0][0], "variable", None)
+    return isinstance(leaf, Tensor) and StorageWeakRef(leaf.untyped_storage()).cdata in excluded
 
 
 def _tensors(obj: Any):

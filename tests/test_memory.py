@@ -56,3 +56,18 @@ def test_a_model_against_itself_saves_exactly_nothing_every_time():
     assert len(figures) == 1
     ((before, after),) = figures
     assert before == after > 0
+
+
+def test_autocast_weight_copies_can_be_left_out():
+    # Under autocast the Linear keeps bfloat16 copies of its input and weight; GELU keeps the
+    # Linear's output. Casts of excluded tensors (weights, inputs) go with them on request.
+    lin = nn.Linear(256, 256)
+    x = torch.randn(64, 256, requires_grad=True)
+    figures = []
+    for exclude_casts in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            n, _ = saved_bytes(lambda: torch.nn.functional.gelu(lin(x)), exclude=[*lin.parameters(), x],
+                               exclude_casts=exclude_casts)
+        figures.append(n)
+    two = 2  # bytes per bfloat16 element
+    assert figures == [64 * 256 * two * 2 + 256 * 256 * two, 64 * 256 * two]
