@@ -8,12 +8,16 @@ many softplus/sigmoid/logsigmoid calls one forward makes natively and how many r
 as lean ops after ``optimize`` (counted below autograd with a ``TorchDispatchMode``),
 ``verify``'s verdict, and the bytes autograd holds when forward ends, before and
 after. For Hugging Face's Mamba it also measures ``torch.compile(backend=
-"graph_rewrite")``, which runs the model's compile-time code path.
+"graph_rewrite")``, which runs the model's compile-time code path. A second table
+covers the model families of ``benchmarks/families.py`` (every rule kind; its own
+measurement, reused): LLaMA-style, Mixtral, GPT-2, BERT, T5, Whisper, ViT, timm and
+diffusers models (``--no-families`` leaves it out).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -163,10 +167,31 @@ def compile_caveat() -> List[str]:
     return lines + [f"| {k} | {v:,} |" for k, v in rows]
 
 
+def families_table() -> List[str]:
+    """The tiny model families of benchmarks/families.py, measured as that script measures them."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import families
+
+    rows = []
+    for key in families.MODELS:
+        if key in families.WIDE:
+            continue
+        try:
+            rows.append(families.measure(key))
+        except Exception as e:  # a row, not a crash
+            rows.append([key, f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"] + [""] * 8)
+        print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    return ["## Model families: every rule kind", "",
+            "Tiny configs, random weights, train mode, float32 unless said; held bytes include the outputs "
+            "(`benchmarks/families.py` measures the same way and says more).", "",
+            families.table(families.HEADER, rows)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="also write the markdown here")
     p.add_argument("--models", help="semicolon-separated subset of the names")
+    p.add_argument("--no-families", action="store_true", help="leave out the model-families table")
     args = p.parse_args(argv)
     names = args.models.split(";") if args.models else list(MODELS)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -186,6 +211,8 @@ def main(argv=None) -> int:
                      f"| {before:,} | {after:,} | {before - after:,} |")
         print(lines[-1], flush=True)
     lines += ["", *compile_caveat()]
+    if not args.no_families:
+        lines += ["", *families_table()]
     text = "\n".join(lines)
     print(text)
     if args.out:
