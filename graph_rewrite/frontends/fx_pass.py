@@ -219,8 +219,11 @@ def _saves_something(node: Node, x: Node, modules: Mapping[str, nn.Module]) -> N
         return any(may_keep(u) if is_view(u, modules) or _is_alias(u, modules) else
                    not _keeps_nothing(u, value, modules) for u in value.users)
 
-    if x.op in ("placeholder", "get_attr"):
-        raise ValueError("its input is the graph's input or a weight, held by the caller anyway")
+    source = x
+    while (is_view(source, modules) or _is_alias(source, modules)) and source.args and isinstance(source.args[0], Node):
+        source = source.args[0]  # x.reshape(...) of the input: its storage is the caller's too
+    if source.op in ("placeholder", "get_attr"):
+        raise ValueError("its input is the graph's input or a weight (or a view of one), held by the caller anyway")
     if not may_keep(node):
         raise ValueError("no use keeps its output, so keeping it instead of its input saves nothing")
     other = next((u for u in x.users if u is not node and not _keeps_nothing(u, x, modules)), None)

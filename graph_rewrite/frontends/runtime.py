@@ -399,10 +399,11 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if not (torch.is_grad_enabled() and x.requires_grad):
             return func(*args, **kwargs)  # no graph: nothing is saved, native gives the same values
-        if x.grad_fn is None and rule.name not in NATIVE_KEEPS_OUTPUT:
-            # A leaf (the model's input, a weight): the caller holds it anyway, so keeping the
-            # output instead would add bytes, not free them.
-            self._left_alone(spelling, "its input is a leaf tensor (an input or a weight), held by the caller anyway")
+        if (x.grad_fn is None or (x._base is not None and x._base.grad_fn is None)) \
+                and rule.name not in NATIVE_KEEPS_OUTPUT:
+            # A leaf (the model's input, a weight) or a view of one: the caller holds it anyway, so
+            # keeping the output instead would add bytes, not free them.
+            self._left_alone(spelling, "its input is a leaf tensor (an input or a weight) or a view of one, held by the caller anyway")
             return func(*args, **kwargs)
         if self._under_other_hooks():
             self._left_alone(spelling, CHECKPOINTED)
