@@ -1,4 +1,4 @@
-"""All of issue 14's CUDA figures in one command; on a machine without CUDA, what runs on CPU.
+"""The CUDA figures in one command; on a machine without CUDA, what runs on CPU.
 
     python benchmarks/gpu.py                      # full run; writes benchmarks/GPU.md
     python benchmarks/gpu.py --out /tmp/GPU.md    # another file

@@ -1,4 +1,4 @@
-"""Where the lean op's eager per-call time goes, on CPU, at 1k elements (issue 14, goal 4).
+"""Where the lean op's eager per-call time goes, on CPU, at 1k elements.
 
     python benchmarks/overhead.py                 # writes benchmarks/OVERHEAD.md (about a minute)
     python benchmarks/overhead.py --out /tmp/o.md

@@ -1,4 +1,4 @@
-"""One benchmark command for graph_rewrite (issue 6).
+"""One benchmark command for graph_rewrite.
 
     python benchmarks/run.py            # full run (about 10 minutes on 2 CPU cores, cold caches)
     python benchmarks/run.py --quick    # smoke run (under 2 minutes)
@@ -44,7 +44,7 @@ from floor import floor_bytes  # noqa: E402
 from models import CASES, Case, loss_of  # noqa: E402
 
 MiB = 2**20
-NO_GPU = "not measured (no GPU in this session)"
+NO_GPU = "not measured (no GPU)"
 
 
 def log(*a) -> None:

@@ -1,4 +1,4 @@
-"""Bytes kept for backward by TorchScript models before and after graph_rewrite.optimize (issue 11).
+"""Bytes kept for backward by TorchScript models before and after graph_rewrite.optimize.
 
     python demos/torchscript_memory.py
 

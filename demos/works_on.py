@@ -45,7 +45,7 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         self.native += name in NATIVE
-        # Activation ops only: the recompute consumers (issue 12) replace Linear/Conv/mul calls.
+        # Activation ops only: the recompute consumers replace Linear/Conv/mul calls.
         self.lean += name.startswith("graph_rewrite.") and not name.startswith("graph_rewrite.recompute_")
         return func(*args, **(kwargs or {}))
 

@@ -1,4 +1,4 @@
-"""The optimized model keeps working with the rest of PyTorch (issue 5)."""
+"""The optimized model keeps working with the rest of PyTorch."""
 import copy
 import os
 import pickle

@@ -58,7 +58,7 @@ def test_efficientnet_pretrained_from_the_hub_cache_and_untrained(tmp_path):
     out = run_demo("efficientnet.py", "--size", "32", torch_home=tmp_path)
     assert out.startswith("efficientnet_b0 with torchvision's pretrained weights, read from the torch hub cache")
     assert "+    features_1_0_block_1_scale_activation = torch.ops.graph_rewrite.sigmoid(" in out  # the diff
-    # 16 sigmoids; since issue 12 also 32 Conv and 16 mul consumers recomputing SiLU, 33 SiLUs
+    # 16 sigmoids; also 32 Conv and 16 mul consumers recomputing SiLU, 33 SiLUs
     # after a BatchNorm that keep its input (norm_act), 16 others made out of place
     assert "113 node(s) rewritten:" in out
     assert "torch.ops.graph_rewrite.recompute_conv(" in out and "torch.ops.graph_rewrite.norm_act(" in out

@@ -1,4 +1,4 @@
-"""The memory figure: bytes autograd still holds when forward ends, the same every time (issue 13.1)."""
+"""The memory figure: bytes autograd still holds when forward ends, the same every time."""
 import torch
 import torch.nn as nn
 

@@ -328,7 +328,7 @@ def test_opcheck_and_layouts(op, args, make, dtype, device):
         assert x.grad.shape == x.shape
 
 
-# ------------------------------------------------------------------ issue 13
+# ------------------------------------------------------------------ slopes at the extremes
 def _slope_reference(name, x, beta=1.0, threshold=20.0):
     """d/dx (50 digits, rounded once to float64): softplus's branch as native takes it."""
     mpmath.mp.dps = 50

@@ -1,4 +1,4 @@
-"""The ops of issue 12 against native PyTorch: output-derived activations and recompute consumers."""
+"""The one-tensor ops against native PyTorch: output-derived activations and recompute consumers."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The runtime front end: code torch.fx cannot trace is rewritten as it runs (issue 10)."""
+"""The runtime front end: code torch.fx cannot trace is rewritten as it runs."""
 import copy
 import io
 import pickle

@@ -1,4 +1,4 @@
-"""Hand-written spellings (issue 13, point 6): rewritten to the op they spell, listed apart."""
+"""Hand-written spellings: rewritten to the op they spell, listed apart."""
 import math
 import warnings
 
@@ -54,7 +54,7 @@ def test_each_spelling_becomes_its_op_and_is_listed_apart(text, fn, op, rule):
     targets = _targets(gm)
     assert op in targets and not {torch.exp, torch.log, torch.log1p, "exp", "log"} & set(targets), gm.code
     report = gm.rewrite_report
-    # Kind "recompute" (issue 12) may then rewrite the Linear after a spelled SiLU.
+    # Kind "recompute" may then rewrite the Linear after a spelled SiLU.
     assert len(report.spellings) == 1 and all(r.kind == "recompute" for r in report.replaced)
     assert report.spellings[0].changes and report.spellings[0].original in {s.name for s in SPELLINGS}
     assert "what changes" in str(report)
@@ -147,7 +147,7 @@ def test_logsigmoid_spelling_gradient_matches_50_digit_reference():
     ("torch.log1p(torch.exp(x))", WRITTEN[2][1], None, None, 0.50, 0.25),
     ("1 / (1 + torch.exp(-x))", WRITTEN[3][1], None, None, 0.75, 0.25),
     ("-F.softplus(-x)", WRITTEN[5][1], None, None, 0.50, 0.25),
-    # F.silu, then the Linear after it recomputes it (issue 12): only the SiLU input is kept.
+    # F.silu, then the Linear after it recomputes it: only the SiLU input is kept.
     ("x * torch.sigmoid(x)", WRITTEN[7][1], None, None, 0.75, 0.25),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_memory_on_linear_spelling_linear(text, fn, op, rule, native_mib, lean_mib):

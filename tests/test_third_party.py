@@ -1,4 +1,4 @@
-"""optimize() on third-party models it cannot trace whole: Hugging Face, mambapy, timm (issue 10).
+"""optimize() on third-party models it cannot trace whole: Hugging Face, mambapy, timm.
 
 Built from tiny configs with random weights (demos/works_on.py has the builders); nothing is downloaded.
 """

@@ -1,4 +1,4 @@
-"""optimize() on TorchScript modules: scripted, traced and loaded (issue 11)."""
+"""optimize() on TorchScript modules: scripted, traced and loaded."""
 import subprocess
 import sys
 import textwrap

@@ -37,7 +37,7 @@ def image(*shape, seed=0):
 
 @pytest.mark.parametrize("name, shape, counts, spelling", [
     # squeeze-excitation: nn.Sigmoid, one per MBConv block
-    # (issue 12: SiLU's Conv and SE-mul consumers recompute it; the 33 SiLUs after a BatchNorm
+    # (SiLU's Conv and SE-mul consumers recompute it; the 33 SiLUs after a BatchNorm
     # keep its input instead (norm_act), the 16 after the SE blocks' Conv are made out of place)
     ("efficientnet_b0", (2, 3, 64, 64), {"graph_rewrite.sigmoid": 16, "F.silu (out of place)": 16,
                                          "graph_rewrite.norm_act": 33,
@@ -46,11 +46,11 @@ def image(*shape, seed=0):
     # squeeze-excitation: nn.Sigmoid, one per Y block
     ("regnet_y_400mf", (2, 3, 64, 64), {"graph_rewrite.sigmoid": 16}, "nn.Sigmoid"),
     # 16 * torch.sigmoid(relative_position_bias) in every shifted-window attention block
-    # (issue 12: the Linear after each MLP's GELU recomputes it)
+    # (the Linear after each MLP's GELU recomputes it)
     ("swin_v2_t", (2, 3, 64, 64), {"graph_rewrite.sigmoid": 12, "graph_rewrite.recompute_linear": 12},
      "torch.sigmoid"),
     # the LR-ASPP head's attention branch ends in nn.Sigmoid; the output is a dict
-    # (issue 12: the backbone's Hardswish consumers recompute it, and each Hardswish, after a
+    # (the backbone's Hardswish consumers recompute it, and each Hardswish, after a
     # BatchNorm, keeps BatchNorm's input)
     ("lraspp_mobilenet_v3_large", (2, 3, 64, 64), {"graph_rewrite.sigmoid": 1, "graph_rewrite.norm_act": 20,
                                                    "graph_rewrite.recompute_conv": 15,
@@ -75,7 +75,7 @@ def test_traced_models_in_train_mode(name, shape, counts, spelling):
     if any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
         assert "buffer updates" in names  # running statistics moved alike in both
     # A sigmoid rewrite saves nothing: native sigmoid keeps its output too. The recompute
-    # consumers of issue 12 do.
+    # consumers do.
     if report.counts_by_kind().get("recompute") or report.counts_by_kind().get("norm"):
         assert v.activation_bytes[1] < v.activation_bytes[0]
     else:
@@ -90,7 +90,7 @@ def test_detection_model_falls_back_and_verifies_in_eval_mode():
     lean, caught = optimize_quietly(model)
     report = lean.rewrite_report
     # GeneralizedRCNN.forward iterates over the image list: FX cannot trace the root,
-    # so the result is a copy that runs under the runtime front end. Since issue 12,
+    # so the result is a copy that runs under the runtime front end. Now
     # submodules traced on their own (the MobileNetV3 backbone's blocks) get the
     # recompute rules: their Hardswish consumers recompute it.
     assert report.tracing == "root not traced: runtime front end"

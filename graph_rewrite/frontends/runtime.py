@@ -9,8 +9,7 @@ For those modules the copy's ``forward`` runs under :class:`LeanFunctionMode`, a
 ``torch.overrides.TorchFunctionMode`` that sees every torch call at the Python
 API level and sends the activations of the rules table to the lean ops.
 
-Why a function mode and not the alternatives measured on 12 third-party models
-(issue 10):
+Why a function mode and not the alternatives, measured on 12 third-party models:
 
 * It runs the model's **own eager code path**. Dynamo (``torch.compile`` with a
   pass-through backend) captured every model, but under Dynamo Hugging Face's
