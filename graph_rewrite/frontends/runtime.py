@@ -246,6 +246,28 @@ def _before_change(func: Any, args: tuple, kwargs: Optional[dict]) -> None:
         _keep_before_change(t)
 
 
+_SIGNATURES: Dict[Any, Optional[inspect.Signature]] = {}
+
+
+def _changes_its_input(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether an activation call runs in place: ``inplace=True``, by keyword or by position
+    (``nn.Hardtanh(inplace=True)`` calls ``F.hardtanh(x, min_val, max_val, True)``)."""
+    if kwargs.get("inplace") is True:
+        return True
+    if func not in _SIGNATURES:
+        try:
+            _SIGNATURES[func] = inspect.signature(func)
+        except (TypeError, ValueError):
+            _SIGNATURES[func] = None
+    sig = _SIGNATURES[func]
+    if sig is None or "inplace" not in sig.parameters:
+        return False
+    try:
+        return sig.bind(*args, **kwargs).arguments.get("inplace") is True
+    except TypeError:
+        return False
+
+
 _NORM_NODES = {"layer_norm": "NativeLayerNormBackward0", "group_norm": "NativeGroupNormBackward0",
                "batch_norm": "NativeBatchNormBackward0"}
 
@@ -388,6 +410,9 @@ class LeanFunctionMode(TorchFunctionMode):
             return self._norm(func, args, kwargs)
         if rule == "activation":
             return self._activation(func, args, kwargs)
+        if inplace or _changes_its_input(func, args, kwargs):
+            # In place on what may be a lean output (an earlier softplus's): that op keeps a copy first.
+            _keep_before_change(args[0] if args else kwargs.get("input"))
         if inplace:
             self._left_alone(spelling, "in-place: rewriting would drop the mutation of its input")
             return func(*args, **kwargs)
