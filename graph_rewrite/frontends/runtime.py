@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..report import LeftAlone, Replaced, RewriteReport
+from ..ops.activations import softplus_needs_branch_mask
 from ..ops.recompute import _RecomputeMul, _norm_node, call_keeping_input
 from ..rules import Consumer, Norm, Recomputable, Rule, pattern_name, rules_for
 from .fx_pass import NATIVE_KEEPS_OUTPUT, inplace_name, lean_op_name
@@ -431,6 +432,12 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if self._under_other_hooks():
             self._left_alone(spelling, CHECKPOINTED)
+            return func(*args, **kwargs)
+        if rule.name == "softplus" and softplus_needs_branch_mask(x.dtype, float(params.get("threshold", 20.0))):
+            # The lean op would keep a branch mask beside the output; with no later use keeping the
+            # output (which this front end cannot see), that is more than native's input alone.
+            self._left_alone(spelling, "keeping the output needs a branch mask too at this dtype and threshold, "
+                                       "which could hold more than native where no later use keeps the output")
             return func(*args, **kwargs)
         self._record(rule, spelling, params)
         return rule.op(x, *params.values())
