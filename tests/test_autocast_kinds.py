@@ -14,21 +14,10 @@ import torch
 import graph_rewrite
 from graph_rewrite.memory import saved_bytes
 
-from test_runtime_kinds import BODIES, Untraceable
+from test_runtime_kinds import BODIES, Untraceable, _step
 
 warnings.filterwarnings("ignore", module="graph_rewrite")
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
-
-
-def _step(model, x):
-    with torch.autocast(**BF16):
-        y = model(x)
-    y.float().pow(2).sum().backward()
-    out = (y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()],
-           [b.clone() for b in model.buffers()])
-    model.zero_grad(set_to_none=True)
-    x.grad = None
-    return out
 
 
 @pytest.mark.parametrize("name", list(BODIES))
@@ -43,7 +32,7 @@ def test_consumers_under_autocast_are_exact_and_hold_less(name):
         after, _ = saved_bytes(lambda: lean(x), exclude=exclude)
     assert after < before, (before, after)
     twin = copy.deepcopy(model)
-    a, b = _step(twin, x), _step(lean, x)
+    a, b = _step(twin, x, autocast=True), _step(lean, x, autocast=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert all(torch.equal(p, q) for p, q in zip(a[2], b[2]))
     assert all(torch.equal(p, q) for p, q in zip(a[3], b[3]))

@@ -122,9 +122,11 @@ EXPECTED = {  # what the report lists, by lean op
 FREED = {"group_norm": 4 * 4096, "batch_norm": 2 * 4096, "layer_norm": 4096, "gated": 2 * 8192, "addmm": 8192}
 
 
-def _step(model, x):
-    y = model(x)
-    y.pow(2).sum().backward()
+def _step(model, x, autocast=False):
+    """(output, x's gradient, parameter gradients, buffers) of one step; under CPU bfloat16 autocast if asked."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    (y.float() if autocast else y).pow(2).sum().backward()
     out = (y.detach(), x.grad.clone(), [p.grad.clone() for p in model.parameters()],
            [b.clone() for b in model.buffers()])
     model.zero_grad(set_to_none=True)
