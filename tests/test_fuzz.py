@@ -258,6 +258,9 @@ def test_random_models_match_native(steps, train, seed, autocast):
     [("linear",), ("act", "logsigmoid", "module"), ("untraceable",), ("act", "sigmoid", "inplace")],
     # ... and a float64 softplus whose output nothing keeps, under the runtime front end (its mask).
     [("linear",), ("act", "softplus", "module"), ("untraceable",), ("residual", False)],
+    # ... and softplus with a small threshold (a branch mask) before a Linear, which under autocast
+    # keeps a bfloat16 cast of the output, not the output.
+    [("norm", "layer_norm"), ("act", "softplus_beta", "module"), ("linear",)],
     # ... and an output rule on a view of the model's input.
     [("view", "reshape"), ("act", "softplus", "module")],
     [("untraceable",), ("view", "transpose2"), ("act", "softplus", "module")],

@@ -470,8 +470,16 @@ class _SoftplusTransforms(torch.autograd.Function):
 
 # The kernel doubles as the fake kernel: on fake tensors F.softplus runs the native
 # meta kernel, which gives the same dtype and strides.
+def _softplus_autocast(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
+    # Under autocast the Linear or convolution after softplus keeps autocast's cast of the output,
+    # not the output: where the lean op would keep a branch mask too, native's input alone is less.
+    if x.dtype.is_floating_point and softplus_needs_branch_mask(x.dtype, threshold):
+        return torch.nn.functional.softplus(x, beta, threshold)
+    return _Softplus.apply(x, beta, threshold)
+
+
 _define("softplus(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor",
-        _softplus_kernel, _softplus_kernel, _Softplus, _SoftplusTransforms)
+        _softplus_kernel, _softplus_kernel, _Softplus, _SoftplusTransforms, under_autocast=_softplus_autocast)
 
 
 # --------------------------------------------------------------------------- sigmoid
