@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import _autocast_on, _define, _forward, _is_traced
+from .activations import _autocast_on, _define, _forward, _is_traced, _lib
 
 __all__ = ["ACTIVATIONS", "recompute_linear", "recompute_conv", "recompute_mul", "norm_act", "recompute_module"]
 
@@ -89,6 +89,36 @@ def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Ten
         return torch.layer_norm(x, shape, weight, bias, act_arg)
     h = ACTIVATIONS[act](x, act_arg)
     return h if gate is None else h * gate
+
+
+# A consumer's backward makes h again with the same aten calls its producer ran in forward. Traced
+# into one joint graph (AOTAutograd under torch.compile), the two are the same expression of the
+# same x, and the partitioner's common-subexpression pass merges them whenever forward's h is an
+# ancestor of anything backward reads (the residual stream after it, a layer scale's input): h is
+# then a forward value an mm reads in backward, so it is saved, and the saving is gone. Traced,
+# backward therefore makes h with one opaque op, which matches no forward node; it runs the same
+# native kernels. Eager backward (real tensors) calls them directly, as before.
+def _activation_again_kernel(x: Tensor, act: str, act_arg: float = 0.0, gate: Optional[Tensor] = None,
+                             norm_shape: Sequence[int] = (), norm_weight: Optional[Tensor] = None,
+                             norm_bias: Optional[Tensor] = None) -> Tensor:
+    return recompute_activation(x, act, act_arg, gate, (list(norm_shape), norm_weight, norm_bias))
+
+
+_lib.define("activation_again(Tensor x, str act, float act_arg=0.0, Tensor? gate=None, int[] norm_shape=[], "
+            "Tensor? norm_weight=None, Tensor? norm_bias=None) -> Tensor")
+_lib.impl("activation_again", _activation_again_kernel, "CompositeExplicitAutograd")
+torch.library.register_fake("graph_rewrite::activation_again", _activation_again_kernel, lib=_lib)
+
+
+def activation_in_backward(x: Tensor, act: str, act_arg: float, gate: Optional[Tensor] = None,
+                           norm: Optional[Tuple[List[int], Optional[Tensor], Optional[Tensor]]] = None) -> Tensor:
+    """:func:`recompute_activation` for a consumer's backward: one ``graph_rewrite::activation_again``
+    node when traced without grad mode (torch.compile's joint graph), so that it is not merged with
+    forward's h; the native calls otherwise. An identity without gate is x itself: nothing to make."""
+    if (act != "identity" or gate is not None) and _is_traced(x) and not torch.is_grad_enabled():
+        shape, weight, bias = norm if norm is not None else ((), None, None)
+        return torch.ops.graph_rewrite.activation_again(x, act, act_arg, gate, list(shape), weight, bias)
+    return recompute_activation(x, act, act_arg, gate, norm)
 
 
 def _geometry(h: Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...], int]:
@@ -283,7 +313,7 @@ class _RecomputeLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x, weight, gate, norm_weight, norm_bias), norm = _unpack(ctx)
-        h = _as_geometry(recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
+        h = _as_geometry(activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
                                               (ctx.norm_shape, norm_weight, norm_bias)), ctx.geometry)
         needs = ctx.needs_input_grad
         backward = addmm_backward if ctx.addmm else linear_backward
@@ -347,7 +377,7 @@ class _RecomputeConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x, weight, norm_weight, norm_bias), norm = _unpack(ctx)
-        h = _as_geometry(recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, None,
+        h = _as_geometry(activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, None,
                                               (ctx.norm_shape, norm_weight, norm_bias)), ctx.geometry)
         needs = ctx.needs_input_grad
         gh, gw, gb = conv_backward(grad, h, weight, *ctx.conv, (needs[1], needs[3], needs[4]))
@@ -405,7 +435,7 @@ class _RecomputeMul(torch.autograd.Function):
     def backward(ctx, grad):
         (x, other), norm = _unpack(ctx)
         needs = ctx.needs_input_grad
-        h = recompute_activation(_act_input(ctx, x, norm), ctx.act, ctx.act_arg) if needs[3] else None  # for other's gradient
+        h = activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg) if needs[3] else None  # for other's gradient
         gh, go = mul_backward(grad, h, other, (needs[1], needs[3]), ctx.h_meta)
         return None, gh, None, go, None
 
