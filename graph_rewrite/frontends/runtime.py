@@ -298,11 +298,13 @@ def _norm_inputs(node: Any, made: Optional[tuple], kind: str) -> Optional[Tuple[
         return None
 
 
-def _read_consumer(name: str, args: tuple, kwargs: dict) -> Optional[Tuple[Any, tuple]]:
+def _read_consumer(name: str, args: tuple, kwargs: dict, addmm: bool = False) -> Optional[Tuple[Any, tuple]]:
     """(h, the op's arguments after ``act``) of a consumer call, or None where the op cannot serve it."""
-    if name == "linear" and len(args) == 3 and not kwargs and all(isinstance(a, Tensor) for a in args) \
-            and args[0].dim() == 1 and args[1].dim() == 2:
+    if addmm:
         # torch.addmm(bias, h.view(-1, k), weight): Hugging Face's Conv1D. h is the view's base.
+        if len(args) != 3 or kwargs or not all(isinstance(a, Tensor) for a in args) \
+                or args[0].dim() != 1 or args[1].dim() != 2:
+            return None
         bias, rows, weight = args
         h = rows._base
         if h is None or not h.is_contiguous() or rows.shape != (h.numel() // max(h.shape[-1], 1), h.shape[-1]) \
@@ -455,7 +457,8 @@ class LeanFunctionMode(TorchFunctionMode):
             return func(*args, **kwargs)
         native = func in _NATIVE_CONSUMERS.get(consumer.name, ())
         try:
-            call = (args[0], ()) if native and args else _read_consumer(consumer.name, args, kwargs)
+            call = (args[0], ()) if native and args else \
+                _read_consumer(consumer.name, args, kwargs, addmm=func is torch.addmm)
         except (TypeError, ValueError):
             call = None
         found = None
