@@ -244,7 +244,8 @@ def call_keeping_input(func: Callable[..., Tensor], args: tuple, kwargs: dict, x
     """``func(*args, **kwargs)``, a native consumer of h = act(x) [* gate] (or of a LayerNorm's or a lean
     producer's output), run so that it keeps no copy of h: backward makes h again from x.
 
-    For consumers with no lean op of their own (``F.grouped_mm`` of a mixture of experts): the
+    The recompute ops under autocast (autocast's casts and cached weights are the native op's),
+    and consumers with no lean op of their own (``F.grouped_mm`` of a mixture of experts): the
     native op's forward, backward and gradient order, so bit for bit native's by construction.
     """
     with _keep_no_copy_of_input(x, h, act, act_arg, gate, (list(norm_shape), norm_weight, norm_bias),
@@ -323,9 +324,8 @@ class _RecomputeLinear(torch.autograd.Function):
 
 def _linear_autocast(x, h, act, weight, bias=None, gate=None, act_arg=0.0, norm_shape=(), norm_weight=None,
                      norm_bias=None, addmm=False):
-    with _keep_no_copy_of_input(x, h, act, act_arg, gate, (list(norm_shape), norm_weight, norm_bias),
-                                _norm_node(h) if gate is None else None):
-        return torch.addmm(bias, _rows(h), weight) if addmm else F.linear(h, weight, bias)
+    func, args = (torch.addmm, (bias, _rows(h), weight)) if addmm else (F.linear, (h, weight, bias))
+    return call_keeping_input(func, args, {}, x, h, act, act_arg, gate, norm_shape, norm_weight, norm_bias)
 
 
 _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
@@ -386,9 +386,8 @@ class _RecomputeConv(torch.autograd.Function):
 
 def _conv_autocast(x, h, act, weight, bias, stride, padding, dilation, groups, act_arg=0.0, norm_shape=(),
                    norm_weight=None, norm_bias=None):
-    with _keep_no_copy_of_input(x, h, act, act_arg, None, (list(norm_shape), norm_weight, norm_bias),
-                                _norm_node(h)):
-        return _conv_kernel(x, h, act, weight, bias, stride, padding, dilation, groups)
+    return call_keeping_input(_conv_kernel, (x, h, act, weight, bias, stride, padding, dilation, groups), {},
+                              x, h, act, act_arg, None, norm_shape, norm_weight, norm_bias)
 
 
 _define("recompute_conv(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
@@ -441,8 +440,7 @@ class _RecomputeMul(torch.autograd.Function):
 
 
 def _mul_autocast(x, h, act, other, act_arg=0.0):
-    with _keep_no_copy_of_input(x, h, act, act_arg, norm_node=_norm_node(h)):
-        return torch.mul(h, other)
+    return call_keeping_input(torch.mul, (h, other), {}, x, h, act, act_arg)
 
 
 _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=0.0) -> Tensor",
