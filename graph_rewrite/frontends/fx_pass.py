@@ -60,6 +60,20 @@ def is_view(user: Node, modules: Mapping[str, nn.Module]) -> bool:
     return user.op == "call_module" and type(modules.get(user.target)) is nn.Flatten
 
 
+# Of those, the ones that always return a view of their first argument, never a copy: a consumer
+# may take h through them, and its op lays the recomputed h out as that view (ops.recompute).
+_STRICT_VIEWS = {torch.permute, torch.transpose, torch.t, torch.unsqueeze, torch.squeeze, torch.movedim,
+                 torch.swapaxes, torch.narrow, torch.select, torch.unflatten,
+                 "permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "swapaxes", "narrow", "select",
+                 "unflatten", "view", "view_as", "expand", "expand_as"}
+
+
+def is_strict_view(user: Node, value: Node) -> bool:
+    """Whether ``user`` is a view of ``value`` that is never a copy (``permute``, ``view``; not ``reshape``)."""
+    return user.op in ("call_function", "call_method") and user.target in _STRICT_VIEWS \
+        and bool(user.args) and user.args[0] is value
+
+
 def inplace_name(name: str) -> bool:
     """Whether a function or method of this name changes its first argument: ``add_``, ``relu_``."""
     return name.endswith("_") and not name.startswith("_")

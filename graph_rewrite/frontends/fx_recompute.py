@@ -33,8 +33,8 @@ from torch.fx import Graph, Node
 
 from ..report import LeftAlone, Replaced
 from ..rules import Attr, Consumer, Norm, Recomputable, is_match, pattern_name
-from .fx_pass import (_where, behind_aliases, describe, has_hooks, inplace_ok, is_view, module_call_input, mutates,
-                      mutating_use)
+from .fx_pass import (_where, behind_aliases, describe, has_hooks, inplace_ok, is_strict_view, is_view,
+                      module_call_input, mutates, mutating_use)
 
 __all__ = ["rewrite_recompute"]
 
@@ -113,19 +113,6 @@ def _is_alias(user: Node, modules: Mapping[str, nn.Module]) -> bool:
     return _dropout_p(user, modules) == 0.0
 
 
-# Views that always return a view of their first argument (never a copy): a consumer may take h
-# through them, and its op lays the recomputed h out as that view (``ops.recompute._as_geometry``).
-_STRICT_VIEWS = {torch.permute, torch.transpose, torch.t, torch.unsqueeze, torch.squeeze, torch.movedim,
-                 torch.swapaxes, torch.narrow, torch.select, torch.unflatten,
-                 "permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "swapaxes", "narrow", "select",
-                 "unflatten", "view", "view_as", "expand", "expand_as"}
-
-
-def _strict_view(user: Node, value: Node) -> bool:
-    return user.op in ("call_function", "call_method") and user.target in _STRICT_VIEWS \
-        and bool(user.args) and user.args[0] is value
-
-
 def _match_consumer(user: Node, consumers: Sequence[Consumer], modules) -> Optional[Tuple[Consumer, Any]]:
     for c in consumers:
         for pattern in c.patterns:
@@ -151,7 +138,7 @@ def _plan(h: Node, consumers: Sequence[Consumer], modules) -> List[Tuple[Node, N
                 visit(user, through_view, strict)
                 continue
             if is_view(user, modules):
-                visit(user, True, strict and _strict_view(user, value))
+                visit(user, True, strict and is_strict_view(user, value))
                 continue
             found = _match_consumer(user, consumers, modules)
             if found is None:
