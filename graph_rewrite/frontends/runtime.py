@@ -240,7 +240,7 @@ def _before_change(func: Any, args: tuple, kwargs: Optional[dict]) -> None:
     mutator = _MUTATORS.get(func)
     if mutator is None:
         mutator = _MUTATORS[func] = _is_mutator(func)
-    if args and (mutator or (kwargs and kwargs.get("inplace") is True)):
+    if args and (mutator or (kwargs is not None and _changes_its_input(func, args, kwargs))):
         _keep_before_change(args[0])
     out = kwargs.get("out") if kwargs else None
     for t in out if isinstance(out, (tuple, list)) else (out,):
@@ -413,9 +413,8 @@ class LeanFunctionMode(TorchFunctionMode):
             return self._norm(func, args, kwargs)
         if rule == "activation":
             return self._activation(func, args, kwargs)
-        if inplace or _changes_its_input(func, args, kwargs):
-            # In place on what may be a lean output (an earlier softplus's): that op keeps a copy first.
-            _keep_before_change(args[0] if args else kwargs.get("input"))
+        # In place (sigmoid_, F.hardtanh(x, a, b, True)) on what may be a lean output: it keeps a copy first.
+        _before_change(func, args, kwargs)
         if inplace:
             self._left_alone(spelling, "in-place: rewriting would drop the mutation of its input")
             return func(*args, **kwargs)
