@@ -252,6 +252,85 @@ def test_norm_act_bitwise_equal_to_native_and_keeps_z_not_h(dtype, train, channe
     assert kept and all(t.data_ptr() == inputs[0].data_ptr() for t in kept)
 
 
+# Shapes with vector tails (7, 13 and 19 are no multiple of 8), one element per channel, 1-D to 3-D.
+_BN_SHAPES = [((2, 5, 3, 7), None), ((3, 19, 4, 5), torch.channels_last), ((8, 13), None), ((2, 9, 13), None),
+              ((2, 3, 2, 3, 5), torch.channels_last_3d), ((4, 24, 9, 9), torch.channels_last), ((4, 24, 9, 9), None),
+              ((1, 6, 1, 1), None), ((2, 40, 17, 17), torch.channels_last)]
+
+
+def _rebuilds_from_statistics(dtype):
+    from graph_rewrite.ops.recompute import _addcmul_is_batch_norm
+
+    if not _addcmul_is_batch_norm(dtype):
+        # x86-64 builds (CI's) fuse both alike; elsewhere backward recomputes, tested above.
+        assert torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+        pytest.skip("this build's addcmul does not round as its BatchNorm kernel does")
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_batch_norm_rebuilt_from_kept_statistics_is_the_kernels_bits(dtype, affine):
+    # Against the kernel itself, over random values much wider than the one-time check's.
+    from graph_rewrite.ops.recompute import _batch_norm_from_stats
+
+    _rebuilds_from_statistics(dtype)
+    gen = torch.Generator().manual_seed(3)
+    for shape, layout in _BN_SHAPES:
+        z = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 50 - 7).to(dtype)
+        z = z if layout is None else z.contiguous(memory_format=layout)
+        c = shape[1]
+        w, b = (torch.randn(c, generator=gen, dtype=dtype), torch.randn(c, generator=gen, dtype=dtype)) if affine \
+            else (None, None)
+        h, mean, invstd = torch.ops.aten.native_batch_norm(z, w, b, None, None, True, 0.0, 1e-5)
+        assert torch.equal(_batch_norm_from_stats(z, w, b, mean, invstd), h), (shape, layout)
+
+
+class _Calls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("threads", [(1, 2), (2, 1)], ids=["forward_1_backward_2", "forward_2_backward_1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_norm_act_backward_does_not_reduce_z_again_and_is_bitwise_native(dtype, threads):
+    """In training on CPU, backward makes h from the batch mean and invstd BatchNorm keeps: no
+    second pass of statistics over z, native's gradients bit for bit, thread counts changed between
+    forward and backward (a channels-last reduction depends on them; the rebuild does not)."""
+    _rebuilds_from_statistics(dtype)
+    before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(5)
+    try:
+        for shape, layout in _BN_SHAPES:
+            if len(shape) != 4 or math.prod(shape) == shape[1]:  # F.batch_norm refuses one value per channel
+                continue
+            z = (torch.randn(*shape, generator=gen, dtype=torch.float64) * 3 + 1).to(dtype)
+            z = (z if layout is None else z.contiguous(memory_format=layout)).requires_grad_()
+            c = shape[1]
+            w, b = torch.randn(c, generator=gen, dtype=dtype).requires_grad_(), torch.randn(c, dtype=dtype).requires_grad_()
+            cw = torch.randn(5, c, 3, 3, generator=gen, dtype=dtype).requires_grad_()
+            g = torch.randn(shape[0], 5, *shape[2:], generator=gen, dtype=dtype)
+            grads = []
+            for lean_call in (False, True):
+                torch.set_num_threads(threads[0])
+                h = F.batch_norm(z, torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), w, b, True, 0.1, 1e-5)
+                a = lean.norm_act(h, z, "silu", w, b, None, None, 1e-5) if lean_call else F.silu(h)
+                y = lean.recompute_conv(h, a, "silu", cw, None, [1, 1], [1, 1], [1, 1], 1) if lean_call \
+                    else F.conv2d(a, cw, None, 1, 1)
+                torch.set_num_threads(threads[1])
+                with _Calls() as calls:
+                    grads.append(torch.autograd.grad(y, (z, w, b, cw), g))
+            assert torch.ops.aten.native_batch_norm.default not in calls.ops
+            for got, want in zip(grads[1], grads[0]):
+                assert torch.equal(got, want), (shape, layout)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_norm_act_after_anything_but_batch_norm_keeps_its_input():
     # No BatchNorm node behind h: norm_act keeps h and gives native's gradient.
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)

@@ -470,6 +470,17 @@ def _batch_norm_training(h: Tensor) -> Optional[bool]:
     return training if isinstance(training, bool) else None
 
 
+def _kept_statistics(h: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The batch mean and invstd that ``h``'s BatchNorm node keeps for its backward, or Nones."""
+    node = h.grad_fn
+    if type(node).__name__ != "NativeBatchNormBackward0":
+        return None, None
+    try:
+        return node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):
+        return None, None
+
+
 def _norm_act_kernel(h: Tensor, z: Tensor, act: str, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float,
                      act_arg: float = 0.0, groups: int = 0) -> Tensor:
@@ -480,22 +491,94 @@ def _norm_again(ctx, saved: Optional[Sequence[Optional[Tensor]]] = None) -> Tens
     """h = norm(z) again: the forward's own call on the saved z.
 
     GroupNorm (``ctx.groups``) reduces each group of z again. BatchNorm with batch
-    statistics recomputes them (one more pass over z); throwaway buffers stand in for the
-    running ones, which forward has updated since. Eval mode uses the saved running
-    statistics, as forward did. Same bits as forward as long as the kernel reduces in the
-    same order: on CPU a channels-last input is reduced per thread, so a
-    ``torch.set_num_threads`` between forward and backward can move h by a rounding.
+    statistics is rebuilt from the mean and invstd its node keeps where that is known to give
+    forward's bits (:func:`_batch_norm_from_stats`); elsewhere it recomputes them (one more pass
+    over z), with throwaway buffers for the running ones, which forward has updated since. Eval
+    mode uses the saved running statistics, as forward did. The recomputed statistics are the
+    same bits as forward's as long as the kernel reduces in the same order: on CPU a
+    channels-last input is reduced per thread, so a ``torch.set_num_threads`` between forward
+    and backward can move h by a rounding (the rebuild from the kept statistics cannot).
     """
-    z, weight, bias, running_mean, running_var = ctx.saved_tensors if saved is None else saved
+    z, weight, bias, first, second = ctx.saved_tensors if saved is None else saved
+    if ctx.training and first is not None and not torch.is_grad_enabled():
+        h = _batch_norm_from_stats(z, weight, bias, first, second)
+        if h is not None:
+            return h
     with _as_forward_ran(ctx.autocast):  # autocast's casts as in forward (CUDA's float32 GroupNorm)
         if ctx.groups:
             return torch.group_norm(z, ctx.groups, weight, bias, ctx.eps, torch.backends.cudnn.enabled)
+        running_mean, running_var = (None, None) if ctx.training else (first, second)
         if ctx.training and ctx.buffers is not None:
             c, dtype = ctx.buffers
             running_mean = torch.zeros(c, dtype=dtype, device=z.device)
             running_var = torch.ones(c, dtype=dtype, device=z.device)
         return torch.batch_norm(z, weight, bias, running_mean, running_var, ctx.training, 0.0, ctx.eps,
                                 torch.backends.cudnn.enabled)
+
+
+# --------------------------------------------------------------------------- BatchNorm from its statistics
+# ATen's CPU BatchNorm (batch_norm_kernel.cpp) writes h = z * alpha + beta, alpha = invstd * weight,
+# beta = bias - mean * alpha, from the mean and invstd it keeps for backward; the compiler fuses
+# each multiply-add where the build allows. addcmul does the same arithmetic, so backward can
+# make h from those two vectors in one pass over z instead of reducing z again. That the build
+# fuses both alike is checked once per dtype against the kernel itself; where it does not, or
+# off CPU, the statistics are recomputed as before.
+def _batch_norm_from_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                           invstd: Tensor) -> Optional[Tensor]:
+    """BatchNorm's training output rebuilt from its kept ``mean`` and ``invstd``, or None where
+    that is not known to give the kernel's bits."""
+    dtype = z.dtype
+    if (z.device.type != "cpu" or z.dim() < 2 or not _batch_norm_fast_layout(z)
+            or any(t is not None and (t.dtype != dtype or not t.is_contiguous()) for t in (weight, bias, mean, invstd))
+            or not _addcmul_is_batch_norm(dtype)):
+        return None
+    return _linear_terms_applied(z, weight, bias, mean, invstd)
+
+
+def _batch_norm_fast_layout(z: Tensor) -> bool:
+    # The layouts of the kernel's fast paths; any other goes through a different formula.
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return z.is_contiguous() or (z.dim() in formats and z.is_contiguous(memory_format=formats[z.dim()]))
+
+
+def _linear_terms_applied(z, weight, bias, mean, invstd) -> Tensor:
+    c = z.shape[1]
+    weight = weight if weight is not None else torch.ones(c, dtype=z.dtype)
+    bias = bias if bias is not None else torch.zeros(c, dtype=z.dtype)
+    alpha = invstd * weight
+    beta = torch.addcmul(bias, mean, alpha, value=-1)  # bias - mean * alpha, one rounding where fused
+    shape = (c,) + (1,) * (z.dim() - 2)
+    return torch.addcmul(beta.view(shape), z, alpha.view(shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _addcmul_is_batch_norm(dtype: torch.dtype) -> bool:
+    """Whether :func:`_linear_terms_applied` gives the CPU kernel's bits on this build, for ``dtype``.
+
+    Fused or not is one fixed instruction sequence per code path, so a few layouts of varied
+    values tell: contiguous and channels-last, with vector tails, no weight, one element per
+    channel. The values come from a fixed sequence, not the random generator.
+    """
+    layouts = [((2, 5, 3, 7), None), ((3, 19, 4, 5), torch.channels_last), ((4, 11), None), ((2, 9, 13), None),
+               ((2, 3, 2, 3, 5), torch.channels_last_3d), ((2, 16, 8, 8), None), ((2, 16, 8, 8), torch.channels_last),
+               ((1, 6, 1, 1), None)]
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        for i, (shape, layout) in enumerate(layouts):
+            n, c = math.prod(shape), shape[1]
+            z = _weyl(n, 3.0 + i, 1.7).view(shape).to(dtype)
+            if layout is not None:
+                z = z.contiguous(memory_format=layout)
+            weight = None if i == 2 else _weyl(c, 0.5, 1.0).to(dtype)
+            bias = None if i == 2 else _weyl(c, 0.25, -0.3).to(dtype)
+            h, mean, invstd = torch.ops.aten.native_batch_norm.default(z, weight, bias, None, None, True, 0.0, 1e-5)
+            if not torch.equal(h, _linear_terms_applied(z, weight, bias, mean, invstd)):
+                return False
+    return True
+
+
+def _weyl(n: int, scale: float, shift: float) -> Tensor:
+    # A fixed sequence spread over [shift - scale, shift + scale), with many mantissa bits set.
+    return (torch.arange(n, dtype=torch.float64) * 0.6180339887498949 % 1.0 - 0.5) * (2 * scale) + shift
 
 
 # A lean producer is the autograd node of an op that made h without keeping it, and can make it
@@ -588,8 +671,12 @@ class _NormAct(torch.autograd.Function):
                 ctx.save_for_backward(h)
                 return out
         ctx.buffers = None if running_mean is None else (running_mean.shape[0], running_mean.dtype)
-        # Running statistics only in eval mode: in training forward updates them in place.
-        stats = (running_mean, running_var) if not training and not groups else (None, None)
+        # Running statistics only in eval mode: in training forward updates them in place. In
+        # training, the batch mean and invstd the BatchNorm node keeps (the same storages).
+        if not training:
+            stats = (running_mean, running_var)
+        else:
+            stats = (None, None) if groups else _kept_statistics(h)
         ctx.save_for_backward(z, weight, bias, *stats)
         ctx.for_consumers = _weak((z, weight, bias, *stats))
         return out
