@@ -98,6 +98,9 @@ def recompute_activation(x: Tensor, act: str, act_arg: float, gate: Optional[Ten
 # then a forward value an mm reads in backward, so it is saved, and the saving is gone. Traced,
 # backward therefore makes h with one opaque op, which matches no forward node; it runs the same
 # native kernels. Eager backward (real tensors) calls them directly, as before.
+# Not after a norm: a norm's output is pointwise in its input and statistics, which its own
+# backward keeps, so the partitioner remakes it in backward rather than saving it, unless an
+# opaque op reads it (then it must exist in backward, and is saved: efficientnet_b0 held 1.6x).
 def _activation_again_kernel(x: Tensor, act: str, act_arg: float = 0.0, gate: Optional[Tensor] = None,
                              norm_shape: Sequence[int] = (), norm_weight: Optional[Tensor] = None,
                              norm_bias: Optional[Tensor] = None) -> Tensor:
@@ -111,11 +114,12 @@ torch.library.register_fake("graph_rewrite::activation_again", _activation_again
 
 
 def activation_in_backward(x: Tensor, act: str, act_arg: float, gate: Optional[Tensor] = None,
-                           norm: Optional[Tuple[List[int], Optional[Tensor], Optional[Tensor]]] = None) -> Tensor:
+                           norm: Optional[Tuple[List[int], Optional[Tensor], Optional[Tensor]]] = None,
+                           opaque: bool = True) -> Tensor:
     """:func:`recompute_activation` for a consumer's backward: one ``graph_rewrite::activation_again``
-    node when traced without grad mode (torch.compile's joint graph), so that it is not merged with
-    forward's h; the native calls otherwise. An identity without gate is x itself: nothing to make."""
-    if (act != "identity" or gate is not None) and _is_traced(x) and not torch.is_grad_enabled():
+    node when traced without grad mode (torch.compile's joint graph) and ``opaque``, so that it is not
+    merged with forward's h; the native calls otherwise. An identity without gate is x itself."""
+    if opaque and (act != "identity" or gate is not None) and _is_traced(x) and not torch.is_grad_enabled():
         shape, weight, bias = norm if norm is not None else ((), None, None)
         return torch.ops.graph_rewrite.activation_again(x, act, act_arg, gate, list(shape), weight, bias)
     return recompute_activation(x, act, act_arg, gate, norm)
@@ -315,7 +319,7 @@ class _RecomputeLinear(torch.autograd.Function):
     def backward(ctx, grad):
         (x, weight, gate, norm_weight, norm_bias), norm = _unpack(ctx)
         h = _as_geometry(activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, gate,
-                                              (ctx.norm_shape, norm_weight, norm_bias)), ctx.geometry)
+                                              (ctx.norm_shape, norm_weight, norm_bias), ctx.opaque), ctx.geometry)
         needs = ctx.needs_input_grad
         backward = addmm_backward if ctx.addmm else linear_backward
         gh, gw, gb = backward(grad, h, weight, (needs[1], needs[3], needs[4]))
@@ -378,7 +382,7 @@ class _RecomputeConv(torch.autograd.Function):
     def backward(ctx, grad):
         (x, weight, norm_weight, norm_bias), norm = _unpack(ctx)
         h = _as_geometry(activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, None,
-                                              (ctx.norm_shape, norm_weight, norm_bias)), ctx.geometry)
+                                              (ctx.norm_shape, norm_weight, norm_bias), ctx.opaque), ctx.geometry)
         needs = ctx.needs_input_grad
         gh, gw, gb = conv_backward(grad, h, weight, *ctx.conv, (needs[1], needs[3], needs[4]))
         return None, gh, None, gw, gb, None, None, None, None, None, None, None, None
@@ -434,7 +438,8 @@ class _RecomputeMul(torch.autograd.Function):
     def backward(ctx, grad):
         (x, other), norm = _unpack(ctx)
         needs = ctx.needs_input_grad
-        h = activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg) if needs[3] else None  # for other's gradient
+        h = (activation_in_backward(_act_input(ctx, x, norm), ctx.act, ctx.act_arg, opaque=ctx.opaque)
+             if needs[3] else None)  # for other's gradient
         gh, go = mul_backward(grad, h, other, (needs[1], needs[3]), ctx.h_meta)
         return None, gh, None, go, None
 
@@ -455,6 +460,9 @@ _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=
 # ask the norm_act node for h, which computes it once for all of them and for its own backward.
 _BATCH_NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
 _GROUP_NORM_NODES = ("NativeGroupNormBackward0",)
+# Every node a norm's output may have, traced (AOTAutograd's functional batch norm) too.
+_NORM_NODES = (*_BATCH_NORM_NODES, *_GROUP_NORM_NODES, "NativeBatchNormLegitBackward0",
+               "NativeBatchNormLegitNoTrainingBackward0")
 
 
 def _batch_norm_training(h: Tensor) -> Optional[bool]:
@@ -611,6 +619,7 @@ def _save(ctx, norm, x: Tensor, *rest: Optional[Tensor]) -> None:
     """A consumer's ``save_for_backward``: ``(x, *rest)``, or, after a lean producer (``norm``),
     ``(None, *rest)`` and that node's own tensors: the same storages, so no new bytes."""
     ctx.norm = norm
+    ctx.opaque = x is None or type(x.grad_fn).__name__ not in _NORM_NODES
     tensors = () if norm is None else _tensors_for_consumers(norm)
     ctx.norm_saved = len(tensors)
     ctx.save_for_backward(None if norm is not None else x, *rest, *tensors)
