@@ -238,6 +238,26 @@ def test_torch_compile_export_and_checkpoint_compose():
         torch.testing.assert_close(h, g)
 
 
+def test_torch_compile_runs_the_mode_eagerly_without_graph_breaks_or_recompiles():
+    # Traced by Dynamo, the mode broke the graph at every call in it and recompiled until the limit.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = RNN()
+    lean, _ = optimize_quietly(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lean, backend="eager")
+    x = torch.randn(2, 3, 8)
+    for _ in range(3):  # (no counting mode around these calls: Dynamo leaves frames run under a mode alone)
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    assert not counters["graph_break"] and not counters["recompiles"], dict(counters)
+    with CountOps() as ops:  # the rewrite still runs
+        compiled(x)
+    assert ops.lean > 0 and ops.native == 0
+    torch._dynamo.reset()
+
+
 def test_partly_traced_model_runs_only_the_untraceable_module_under_the_mode():
     class Picky(nn.Module):
         def __init__(self):
