@@ -1,4 +1,4 @@
-"""Issue 12, one tensor per activation: held bytes removed and step time, native vs optimize().
+"""One tensor per activation: held bytes removed and step time, native vs optimize().
 
     python benchmarks/one_tensor.py                      # full: prints, writes benchmarks/ONE_TENSOR.md
     python benchmarks/one_tensor.py --quick --out /tmp/o.md   # smoke run (small inputs, few steps)
@@ -162,6 +162,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     times = [step_times("efficientnet_b0", (2, 3, 64, 64), 4 if args.quick else 21),
+             step_times("efficientnet_b0", (2, 3, 128, 128), 2 if args.quick else 11),
              step_times("efficientnet_b0", (2, 3, 224, 224), 2 if args.quick else 7),
              step_times("vit_b_16", (1, 3, 224, 224), 2 if args.quick else 7)]
     torch.set_num_threads(threads)
