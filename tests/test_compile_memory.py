@@ -103,3 +103,54 @@ def test_compile_keeps_the_saving_after_batch_norm():
             for g, r in zip(got, ref):
                 assert (g - r).abs().max() <= 1e-4 * max(r.abs().max(), 1e-3 * top)
     torch._dynamo.reset()
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm, written out: Dynamo inlines it, so the backend sees its ops, not a module."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class NormThenTwoLinears(nn.Module):
+    """x + q(norm(x)) * k(norm(x)): attention's input projections after the norm."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.q, self.k = RMSNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.q(h) * self.k(h)
+
+
+def test_backend_has_inductor_recompute_hand_written_rmsnorm():
+    # Native keeps the norm's output for the Linears' weight gradients; the backend tags the norm's
+    # nodes for the partitioner to recompute, as optimize() runs the module again: its input only.
+    torch.manual_seed(0)
+    model = nn.Sequential(*[NormThenTwoLinears(64) for _ in range(3)])
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    norm_output = x.numel() * x.element_size()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        ref = _grads(compiled, model, x)
+        native = _held(compiled, model, x)
+        torch._dynamo.reset()
+        report = graph_rewrite.RewriteReport()
+        fn = torch.compile(model, backend="graph_rewrite", options={"inductor": True, "report": report})
+        got = _grads(fn, model, x)
+        held = _held(fn, model, x)
+    torch._dynamo.reset()
+    assert report.counts() == {"graph_rewrite.recompute_module": 3}
+    assert [r.where for r in report.replaced] == ["0.norm", "1.norm", "2.norm"]
+    assert held <= native - 3 * norm_output, (native, held)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)  # the same kernels, run again

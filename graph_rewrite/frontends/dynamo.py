@@ -19,12 +19,16 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+import re
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 from torch import fx
+from torch.utils.checkpoint import CheckpointPolicy
 
-from ..report import RewriteReport
-from ..rules import rules_for
+from ..report import Replaced, RewriteReport
+from ..rules import CheapModule, Rule, rules_for
+from .fx import cheap_ops
 from .fx_pass import rewrite_graph
 from .fx_recompute import rewrite_recompute
 
@@ -53,6 +57,8 @@ def backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Dic
     # Kind "recompute" too: Dynamo's graph shows every use of an activation's output.
     more, more_left = rewrite_recompute(gm.graph, modules, rules)
     replaced, left_alone = replaced + more, left_alone + more_left
+    if options.get("inductor"):
+        replaced += mark_cheap_modules(gm.graph, example_inputs, rules)
     gm.recompile()
     report = options.get("report")
     if report is not None:
@@ -64,3 +70,56 @@ def backend(gm: fx.GraphModule, example_inputs: List[Any], options: Optional[Dic
 
         return compile_fx(gm, example_inputs)
     return gm.forward
+
+
+def _module_calls(graph: fx.Graph) -> Dict[str, List[fx.Node]]:
+    """The call nodes of ``graph`` by the innermost module that made them (Dynamo records the
+    module stack of each node; it inlines modules, so no ``call_module`` node stands for one)."""
+    calls: Dict[str, List[fx.Node]] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op in ("call_function", "call_method") and stack:
+            calls.setdefault(next(reversed(stack)), []).append(node)
+    return calls
+
+
+def _outside_inputs(ops: Sequence[fx.Node], parameters: set) -> List[fx.Node]:
+    """The nodes ``ops`` read from outside themselves, the module's parameters left out."""
+    inside = set(ops)
+    found: List[fx.Node] = []
+    for op in ops:
+        for arg in op.all_input_nodes:
+            if arg not in inside and arg not in parameters and arg not in found:
+                found.append(arg)
+    return found
+
+
+def mark_cheap_modules(graph: fx.Graph, example_inputs: Sequence[Any], rules: Sequence[Rule]) -> List[Replaced]:
+    """Mark the nodes of each cheap module (hand-written RMSNorm, tanh-GELU: a :class:`CheapModule`
+    rule) for inductor's partitioner to recompute in backward, as ``optimize`` runs such a module
+    again from its input (``node.meta["recompute"]``, the tag selective checkpointing sets, which
+    AOTAutograd copies onto the nodes it traces). Native keeps the module's output for the matmul
+    after it; marked, it keeps the input only. Returns what was marked, for the report."""
+    cheap = [r for r in rules if isinstance(r, CheapModule)]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    parameters = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.nn.Parameter)}
+    parameters |= {n for n in graph.nodes if n.op == "get_attr"}
+    marked: List[Replaced] = []
+    for key, ops in _module_calls(graph).items():
+        inputs = _outside_inputs(ops, parameters)
+        if len(inputs) != 1 or not any(cheap_ops(ops, inputs[0], r) for r in cheap):
+            continue
+        for op in ops:
+            op.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        path, cls = ops[0].meta["nn_module_stack"][key]
+        marked.append(Replaced(ops[-1].name, _module_path(path), getattr(cls, "__name__", str(cls)),
+                               "graph_rewrite.recompute_module", {}, kind="recompute",
+                               detail="inductor recomputes it in backward; it keeps its input only"))
+    return marked
+
+
+def _module_path(dynamo_path: str) -> str:
+    # Dynamo writes L['self'].model.layers[0].input_layernorm (or L['args'][0]... for a module passed
+    # in); the report writes model.layers.0.input_layernorm
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])?", "", dynamo_path)
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".") or "<root>"

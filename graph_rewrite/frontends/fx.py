@@ -670,11 +670,17 @@ def _cheap(graph: fx.Graph, rule: CheapModule) -> bool:
     and keeps its intermediates (and casts) out of memory."""
     ops = [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(inputs) != 1 or not ops:
+    return len(inputs) == 1 and cheap_ops(ops, inputs[0], rule)
+
+
+def cheap_ops(ops: Sequence[fx.Node], x: fx.Node, rule: CheapModule) -> bool:
+    """Whether ``ops``, a module's calls on its one input ``x``, are what ``rule`` describes
+    (see :func:`_cheap`); the Dynamo backend asks it of the nodes one module made."""
+    if not ops:
         return False
     if rule.reductions and not any(n.target in rule.reductions for n in ops):
         return False
-    if rule.saves_input and not any(_saves_its_input(n, inputs[0]) for n in inputs[0].users):
+    if rule.saves_input and not any(_saves_its_input(n, x) for n in x.users if n in ops):
         return False
     return all((n.op == "call_method" and n.target in rule.methods)
                or (n.op == "call_function" and n.target in rule.functions) for n in ops)
