@@ -3,7 +3,9 @@
 ``torch.compile(model, backend="graph_rewrite")`` (registered through the
 ``torch_dynamo_backends`` entry point, so nothing needs importing first) runs the
 FX pass of the rules table over every graph Dynamo captures, then runs the graph
-eagerly, or hands it on to inductor with ``options={"inductor": True}``.
+eagerly, or hands it on to inductor with ``options={"inductor": True}``. With inductor,
+the nodes of each cheap module (hand-written RMSNorm), which Dynamo inlines, are tagged
+for the partitioner to recompute in backward.
 
 Dynamo captures code FX's symbolic tracer cannot (decorated forwards, loops over
 sizes), but it runs the model's **compile-time** code path: Hugging Face models
