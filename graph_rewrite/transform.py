@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .frontends.fx import (
-    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, trace_children,
+    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, cheap_modules, trace_children,
     _warn_uncovered,
 )
 from .frontends.runtime import run_under_mode
@@ -96,7 +96,8 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
     try:
         if "forward" in model.__dict__:
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
-        graphs, reasons, constants = _trace_modes(root)
+        cheap = cheap_modules(root, rules)
+        graphs, reasons, constants = _trace_modes(root, list(cheap))
     except _RootUntraceable as e:
         # FX cannot trace the model's own forward: submodules FX can trace on their own
         # get graphs, and the copy's forward runs under the runtime front end, which
@@ -108,7 +109,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         _warn_uncovered(report)
         root.rewrite_report = report
         return root
-    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True)
+    gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True, cheap=cheap)
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)", runtime=True)
     _warn_uncovered(report)

@@ -198,14 +198,21 @@ class NormThenLinear(nn.Module):
         return self.fc(self.norm(x * 2))
 
 
+class TraceableNormThenLinear(NormThenLinear):
+    def forward(self, x):  # FX traces it whole: the norm is seen as a module by cheap_modules only
+        return self.fc(self.norm(x * 2))
+
+
 @pytest.mark.parametrize("extra", [False, True])
-def test_hand_written_norm_keeps_its_input_only(extra):
+@pytest.mark.parametrize("front_end", ["runtime", "fx"])
+def test_hand_written_norm_keeps_its_input_only(extra, front_end):
     import copy
     import pickle
 
     torch.manual_seed(0)
-    model = NormThenLinear(extra).double()
+    model = (NormThenLinear if front_end == "runtime" else TraceableNormThenLinear)(extra).double()
     lean = graph_rewrite.optimize(model)
+    assert isinstance(lean, torch.fx.GraphModule) == (front_end == "fx")
     x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
     before, _ = saved_bytes(lambda: model(x), exclude=[*model.parameters(), x])
     after, _ = saved_bytes(lambda: lean(x), exclude=[*model.parameters(), x])

@@ -23,7 +23,7 @@ from ..report import Replaced, Respelled, RewriteReport, Uncovered
 from ..rules import CheapModule, Rule, pattern_name
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
-from .fx_recompute import rewrite_recompute
+from .fx_recompute import rewrite_cheap_consumers, rewrite_recompute
 from .runtime import in_checkpoint, run_under_mode, saved_tensors_hooks_in_effect
 
 __all__ = ["RewrittenModule"]
@@ -581,10 +581,12 @@ def _within(path: str, outer: str) -> bool:
     return not outer or path == outer or path.startswith(outer + ".")
 
 
-def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
+def _trace_modes(root: nn.Module, cheap: Sequence[str] = ()
+                 ) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
     """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants.
 
-    Modules with a checkpointing flag on start as leaves (:func:`_checkpointing_modules`).
+    Modules with a checkpointing flag on start as leaves (:func:`_checkpointing_modules`),
+    and so do the ``cheap`` modules (:func:`cheap_modules`), which run whole again in backward.
     """
     reasons: Dict[str, str] = _checkpointing_modules(root)
     if "" in reasons:
@@ -593,7 +595,7 @@ def _trace_modes(root: nn.Module) -> Tuple[Dict[object, fx.Graph], Dict[str, str
     uniform = {f for _, f in flags}
     # With uniform flags "current" is one of the two modes: two traces, not three.
     modes: List[object] = [True, False] if len(uniform) == 1 else ["current", True, False]
-    leaves: Set[str] = set(reasons)
+    leaves: Set[str] = set(reasons) | set(cheap)
     constants: Dict[str, object] = {}
     try:
         while True:
@@ -705,6 +707,12 @@ class _RecomputedForward(_ModuleForward):
     def __call__(self, *args, **kwargs):
         forward = self.own_forward()
         x = args[0] if len(args) == 1 and not kwargs else None
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace _Recompute (a callable argument, hooks in backward). A non-reentrant
+            # checkpoint it can: inductor's partitioner then recomputes the module alike, from x.
+            if torch.is_grad_enabled() and isinstance(x, torch.Tensor):
+                return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+            return forward(*args, **kwargs)
         if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor)) or in_checkpoint() \
                 or torch._C._are_functorch_transforms_active():
             return forward(*args, **kwargs)
@@ -749,6 +757,32 @@ def _trace_on_its_own(child: nn.Module, path: str, rules: Sequence[Rule], report
     report.uncovered += [Uncovered(_join(path, u.module), u.reason) for u in sub.uncovered]
     report.notes += [n for n in sub.notes if n not in report.notes]
     return True
+
+
+def cheap_modules(root: nn.Module, rules: Sequence[Rule]) -> Dict[str, fx.Graph]:
+    """{path: graph} of the hand-written norms in ``root`` (LLaMA's RMSNorm: a :class:`CheapModule`
+    rule with a reduction) that FX would otherwise trace into their caller's graph, where no rule
+    sees them whole. Only modules without submodules, of a class outside torch, without hooks,
+    taking one tensor. Hand-written activations are left to the spellings, which rewrite them
+    inside the graph."""
+    norms = [r for r in rules if isinstance(r, CheapModule) and r.reductions]
+    found: Dict[str, fx.Graph] = {}
+    if not norms:
+        return found
+    for path, child in root.named_modules():
+        # No buffers: tracing runs the module's Python, and an in-place update of a real buffer
+        # would change the user's tensor (the copy shares it).
+        if not path or child._modules or type(child).__module__.startswith("torch.") or has_hooks(child) \
+                or _tensor_arity(child) != 1 or "forward" in child.__dict__ or next(child.buffers(), None) is not None:
+            continue
+        snapshot = _snapshot(child)
+        try:
+            graph = _typed_trace(child)
+        finally:
+            _restore(snapshot)
+        if graph is not None and any(_cheap(graph, r) for r in norms):
+            found[path] = graph
+    return found
 
 
 def _recompute_if_cheap(child: nn.Module, path: str, rules: Sequence[Rule], report: RewriteReport,
@@ -820,13 +854,16 @@ def _join(prefix: str, path: str) -> str:
 
 def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteReport,
                        runtime_report: Optional[RewriteReport] = None, prefix: str = "",
-                       keep_class: bool = False) -> RewrittenModule:
+                       keep_class: bool = False, cheap: Optional[Dict[str, fx.Graph]] = None) -> RewrittenModule:
     """Rewrite every mode's graph, run the leaves FX could not enter under the runtime front end, build the result.
 
     The leaves record their call sites in ``runtime_report`` (default ``report``) with
     paths under ``prefix``: a submodule traced on its own reports into its root's record.
     With ``keep_class`` the result is also an instance of ``root``'s class (:func:`_rewritten_class`).
+    ``cheap`` (:func:`cheap_modules`, leaves of the graphs) run whole again in backward, and
+    the Linear, convolution or mul after one asks it for its output instead of keeping it.
     """
+    cheap = cheap or {}
     modules = dict(root.named_modules())
     seen = set()
     codes = {}
@@ -844,6 +881,7 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
             replaced, left = rewrite_graph(graph, modules, rules)
             more, more_left = rewrite_recompute(graph, modules, rules)
             replaced, left = replaced + more, left + more_left
+            replaced += rewrite_cheap_consumers(graph, modules, list(cheap), rules)
             # The mode graphs mostly repeat each other: report each call site once.
             for rec in replaced:
                 if (rec.node, rec.where) not in seen:
@@ -856,6 +894,8 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
             code_of[id(graph)] = graph.python_code("self").src
         codes[mode] = code_of[id(graph)]
     _refuse_hooks_on_dropped(unique, calls_before, modules, prefix)
+    for path, graph in cheap.items():
+        _recompute_if_cheap(modules[path], path, rules, report, [graph])
     for path in sorted(reasons):
         full = _join(prefix, path) if prefix else path
         trace_children(modules[path], full, rules, runtime_report or report)

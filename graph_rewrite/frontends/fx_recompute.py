@@ -36,7 +36,7 @@ from ..rules import Attr, Consumer, Norm, Recomputable, is_match, pattern_name
 from .fx_pass import (_where, behind_aliases, describe, has_hooks, inplace_ok, is_strict_view, is_view,
                       module_call_input, mutates, mutating_use)
 
-__all__ = ["rewrite_recompute"]
+__all__ = ["rewrite_recompute", "rewrite_cheap_consumers"]
 
 # Uses that keep nothing of their input for backward (checked on this torch: their
 # backward nodes save shapes, scalars or masks only).
@@ -275,6 +275,35 @@ def rewrite_recompute(
                 replaced += _gate(graph, user, x, args[0], act, act_arg, consumers, modules)
     graph.lint()
     return replaced, left_alone
+
+
+def rewrite_cheap_consumers(graph: Graph, modules: Mapping[str, nn.Module], cheap: Sequence[str],
+                            rules: Sequence[Any]) -> List[Replaced]:
+    """Rewrite, in place, the consumers of each call to a cheap module at a path in ``cheap``
+    (a leaf whose forward keeps its input only and runs again in backward): each Linear,
+    convolution or mul after it becomes its recompute op with ``act="identity"``, which asks
+    the module's node for its output in backward instead of keeping it, as the runtime front
+    end does after a cheap module (LLaMA's q, k, v projections after RMSNorm)."""
+    consumers = [r for r in rules if isinstance(r, Consumer)]
+    replaced: List[Replaced] = []
+    if not consumers:
+        return replaced
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in cheap:
+            continue
+        try:
+            plan = _plan(node, consumers, modules)
+        except _Keeps:
+            continue  # a use keeps the output anyway: the module still keeps no intermediates
+        for user, value, consumer, cpattern, args in plan:
+            _rewrite_consumer(graph, user, value, node, consumer, args, "identity", 0.0)
+            where = _where(user)
+            user.meta["graph_rewrite"] = {"was": pattern_name(cpattern), "where": where, "frees": node.name}
+            replaced.append(Replaced(user.name, where, pattern_name(cpattern),
+                                     f"graph_rewrite.recompute_{consumer.name}", {}, kind="recompute",
+                                     frees=node.name, detail=f"recomputes {node.target}"))
+    graph.lint()
+    return replaced
 
 
 def _not_changed_later(value: Node, act: Node, modules, what: str) -> None:
