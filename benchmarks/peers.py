@@ -528,7 +528,8 @@ The verdict lines under each table give the figures; the reasons:
   a BatchNorm's output from its statistics), and each rewritten call goes through a Python
   `autograd.Function`. The per-call part dominates tiny models: the tiny HF LLaMA runs under the
   runtime front end, which looks at every torch call (at hidden 512 its step is 1.04x native,
-  `benchmarks/FAMILIES.md`); efficientnet_b0 pays most: every BatchNorm -> SiLU pair is rebuilt in backward.
+  `benchmarks/FAMILIES.md`); efficientnet_b0 pays most: every BatchNorm -> SiLU pair is rebuilt
+  in backward.
 - **Against checkpointing per block: behind on memory, ahead on step time.** Checkpointing keeps only
   each block's input and runs every block's forward twice; the rules keep everything backward needs
   but the activations. Where memory must go lowest, checkpoint; the two compose (a checkpointed
@@ -549,9 +550,9 @@ The verdict lines under each table give the figures; the reasons:
   small beside its rounding).
 - **`torch.compile(optimize(m))` on a model the runtime front end runs** (the HF LLaMA): that front
   end cannot be traced by Dynamo and runs eagerly, a graph break around it: eager `optimize`'s
-  memory at eager speed. The `graph_rewrite` backend compiles it, but holds more: Dynamo inlines
-  the hand-written RMSNorm into its caller's graph, where the rule that recomputes the module whole
-  does not see a module.
+  memory at eager speed. The `graph_rewrite` backend compiles the model and applies the rules to
+  Dynamo's graphs, hand-written RMSNorm included (tagged for the partitioner to recompute): the
+  compiled path for such models.
 """
 
 if __name__ == "__main__":
