@@ -49,6 +49,7 @@ import torch.utils.checkpoint as ckpt  # noqa: E402
 from torch._C._profiler import _EventType  # noqa: E402
 
 import graph_rewrite  # noqa: E402
+from families import table  # noqa: E402
 from graph_rewrite.memory import saved_bytes  # noqa: E402
 
 MiB = 2 ** 20
@@ -371,12 +372,6 @@ def _ratio(r: Result) -> str:
 
 def _error(e: Optional[float]) -> str:
     return "—" if e is None else ("0" if e == 0 else f"{e:.1e}")
-
-
-def table(header: List[str], rows: List[List[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 MEMORY_EQUAL = 0.02  # within 2% of held bytes: equal
