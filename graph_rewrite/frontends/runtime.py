@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..report import LeftAlone, Replaced, RewriteReport
+from ..ops import cpp
 from ..ops.activations import softplus_needs_branch_mask
 from ..ops.recompute import _RecomputeMul, _norm_node, call_keeping_input
 from ..rules import Consumer, Norm, Recomputable, Rule, pattern_name, rules_for
@@ -382,10 +383,13 @@ class LeanFunctionMode(TorchFunctionMode):
 
     def __enter__(self):
         self._entry_hooks.append(saved_tensors_hooks_in_effect())
+        # The lean ops take their Python kernels here: _keep_before_change works on their nodes.
+        cpp.python_only(+1)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._entry_hooks.pop()
+        cpp.python_only(-1)
         return super().__exit__(*exc)
 
     # Rules travel by name (op packets do not pickle); the mode is rebuilt without its caches.

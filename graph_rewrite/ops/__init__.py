@@ -3,6 +3,9 @@
 * :mod:`.activations`: activations that save their output (softplus, sigmoid, logsigmoid).
 * :mod:`.output_derived`: more of that kind, whose slope is read off the output (hardtanh/ReLU6, leaky_relu).
 * :mod:`.recompute`: consumers (Linear, Conv, mul) that keep their activation's input and recompute it.
+
+Kernels apart: :mod:`.triton_kernels` (the fused CUDA backward of softplus and logsigmoid) and
+:mod:`.cpp`, which loads ``csrc/lean_ops.cpp`` (C++ Autograd kernels of the first three on CPU).
 """
 from .activations import logsigmoid, sigmoid, softplus, softplus_needs_branch_mask
 from .output_derived import hardtanh, leaky_relu

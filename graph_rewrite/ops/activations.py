@@ -31,7 +31,9 @@ import torch.autograd.forward_ad as _fwAD
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["softplus", "sigmoid", "logsigmoid", "softplus_needs_branch_mask", "softplus_beta_is_lean",
+from . import cpp
+
+__all__ = ["softplus", "sigmoid", "logsigmoid", "softplus_needs_branch_mask", "softplus_beta_is_lean", "python_kernel",
            "underflow_record", "softplus_grad", "logsigmoid_grad"]
 
 # float16/bfloat16 are computed in float32 by the native kernels ("opmath");
@@ -40,6 +42,8 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 # Kept alive for the life of the process: dropping it would unregister the ops.
 _lib = torch.library.Library("graph_rewrite", "DEF")
+# Whether the C++ Autograd kernels (csrc/lean_ops.cpp) take the eager CPU calls; see cpp.py.
+_CPP = cpp.load()
 
 
 def _opmath(t: Tensor) -> Tensor:
@@ -98,9 +102,10 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
     ``function`` while autocast is on for ``x``'s device.
     """
     name = schema.split("(", 1)[0]
-    _lib.define(schema)
-    _lib.impl(name, kernel, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"graph_rewrite::{name}", fake, lib=_lib)
+    for op_name in (name, f"_{name}_python"):
+        _lib.define(schema.replace(name, op_name, 1))
+        _lib.impl(op_name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"graph_rewrite::{op_name}", fake, lib=_lib)
     op = getattr(torch.ops.graph_rewrite, name).default
     # The dispatcher leaves out trailing arguments equal to their schema defaults;
     # autograd.Function.apply takes no defaults, so put them back.
@@ -119,14 +124,34 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
             return function.apply(x, *args)
         return _forward(op, kernel, x, *args)
 
-    _lib.impl(name, autograd_kernel, "Autograd")
+    # The twin ``_<name>_python`` always has the Python kernel: the C++ kernel hands it what it
+    # does not serve, and the runtime front end calls it (its in-place guard reads the Python node).
+    _lib.impl(f"_{name}_python", autograd_kernel, "Autograd")
+    if not (_CPP and name in cpp.OPS):
+        _lib.impl(name, autograd_kernel, "Autograd")
 
     def transforms_kernel(x: Tensor, *args):
         # torch.func's front key sees the call before any transform has lowered it:
         # from here the Function is applied as if the user had called it.
         return transform_function.apply(x, *args, *defaults[len(args):])
 
-    _lib.impl(name, transforms_kernel, "FuncTorchDynamicLayerFrontMode")
+    for op_name in (name, f"_{name}_python"):
+        _lib.impl(op_name, transforms_kernel, "FuncTorchDynamicLayerFrontMode")
+
+
+def _define_grad(schema: str, grad_fn) -> None:
+    """Define a Python backward as an op, for the C++ kernels to call where they defer to Python
+    (second derivatives, tiny outputs). Its Autograd kernel records ``grad_fn``'s own derivatives."""
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    _lib.impl(name, grad_fn, "Autograd")
+
+    def no_graph(*args):
+        with torch.no_grad():
+            return grad_fn(*args)
+
+    _lib.impl(name, no_graph, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"graph_rewrite::{name}", lambda grad, *args: torch.empty_like(grad), lib=_lib)
 
 
 def softplus_needs_branch_mask(dtype: torch.dtype, threshold: float) -> bool:
@@ -480,6 +505,8 @@ def _softplus_autocast(x: Tensor, beta: float = 1.0, threshold: float = 20.0) ->
 
 _define("softplus(Tensor x, float beta=1.0, float threshold=20.0) -> Tensor",
         _softplus_kernel, _softplus_kernel, _Softplus, _SoftplusTransforms, under_autocast=_softplus_autocast)
+_define_grad("_softplus_grad_python(Tensor grad, Tensor y, float beta, float threshold, Tensor? record=None) -> Tensor",
+             lambda grad, y, beta, threshold, record=None: softplus_grad(grad, y, beta, threshold, None, record))
 
 
 # --------------------------------------------------------------------------- sigmoid
@@ -645,6 +672,20 @@ class _LogSigmoidTransforms(torch.autograd.Function):
 
 
 _define("logsigmoid(Tensor x) -> Tensor", _logsigmoid_kernel, _logsigmoid_fake, _LogSigmoid, _LogSigmoidTransforms)
+_define_grad("_logsigmoid_grad_python(Tensor grad, Tensor y, Tensor? record=None) -> Tensor", logsigmoid_grad)
+if _CPP:
+    cpp.register()
+
+
+def python_kernel(op):
+    """The twin of a lean op that always runs the Python kernel (``softplus`` -> ``_softplus_python``),
+    whose autograd node is the Python Function's; ``op`` itself if it has none.
+
+    >>> python_kernel(torch.ops.graph_rewrite.softplus)
+    <OpOverloadPacket(op='graph_rewrite._softplus_python')>
+    """
+    twin = f"_{op.__name__}_python"
+    return getattr(torch.ops.graph_rewrite, twin) if hasattr(torch.ops.graph_rewrite, twin) else op
 
 
 # The packets: what the FX pass inserts, and what users and TorchScript call.

@@ -1,0 +1,27 @@
+"""Builds the optional C++ kernels, graph_rewrite/ops/csrc/lean_ops.cpp, against the torch in the build.
+
+Everything else is in pyproject.toml. Without a working C++ compiler the extension is skipped
+(``optional=True``) and the package runs its Python kernels: same results, slower per call.
+"""
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # a build without torch: the Python kernels only
+    ext_modules, cmdclass = [], {}
+else:
+    ext = CppExtension(
+        "graph_rewrite.ops._lean_ops",
+        ["graph_rewrite/ops/csrc/lean_ops.cpp"],
+        # cpp.py compares this with the running torch before loading the library.
+        define_macros=[("GR_TORCH_VERSION", f'"{torch.__version__}"')],
+        extra_compile_args=["-O2"],
+        py_limited_api=False,
+    )
+    ext.optional = True
+    ext_modules = [ext]
+    # No ninja: setuptools' own compile step raises the errors that ``optional`` turns into a warning.
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
