@@ -102,7 +102,9 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
     ``function`` while autocast is on for ``x``'s device.
     """
     name = schema.split("(", 1)[0]
-    for op_name in (name, f"_{name}_python"):
+    # The ops with a C++ kernel get a twin ``_<name>_python`` that always runs the Python kernel.
+    names = (name, f"_{name}_python") if name in cpp.OPS else (name,)
+    for op_name in names:
         _lib.define(schema.replace(name, op_name, 1))
         _lib.impl(op_name, kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(f"graph_rewrite::{op_name}", fake, lib=_lib)
@@ -124,18 +126,17 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
             return function.apply(x, *args)
         return _forward(op, kernel, x, *args)
 
-    # The twin ``_<name>_python`` always has the Python kernel: the C++ kernel hands it what it
-    # does not serve, and the runtime front end calls it (its in-place guard reads the Python node).
-    _lib.impl(f"_{name}_python", autograd_kernel, "Autograd")
-    if not (_CPP and name in cpp.OPS):
-        _lib.impl(name, autograd_kernel, "Autograd")
+    # The C++ kernel, where loaded, is the public op's Autograd kernel and hands the twin what it does not serve.
+    for op_name in names:
+        if not (_CPP and op_name == name and name in cpp.OPS):
+            _lib.impl(op_name, autograd_kernel, "Autograd")
 
     def transforms_kernel(x: Tensor, *args):
         # torch.func's front key sees the call before any transform has lowered it:
         # from here the Function is applied as if the user had called it.
         return transform_function.apply(x, *args, *defaults[len(args):])
 
-    for op_name in (name, f"_{name}_python"):
+    for op_name in names:
         _lib.impl(op_name, transforms_kernel, "FuncTorchDynamicLayerFrontMode")
 
 
