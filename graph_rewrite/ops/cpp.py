@@ -1,8 +1,8 @@
 """The C++ Autograd kernels of the lean activations (``csrc/lean_ops.cpp``), when built for this torch.
 
 ``pip install`` compiles them where a C++ compiler is found; without one the install goes on and
-the ops run their Python kernels, which give the same bits at about twice the per-call time on
-small tensors. The kernels serve plain CPU tensors; tracers, subclasses, torch.func transforms,
+the ops run their Python kernels, which give the same bits at a higher per-call cost on small
+tensors (benchmarks/OVERHEAD.md). The kernels serve plain CPU tensors; tracers, subclasses, torch.func transforms,
 autocast, CUDA tensors and second derivatives are handed to the Python kernels.
 
 The library is used only if it was built against the running torch (the same ``torch.__version__``):
