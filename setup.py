@@ -1,7 +1,8 @@
 """Builds the optional C++ kernels, graph_rewrite/ops/csrc/lean_ops.cpp, against the torch in the build.
 
-Everything else is in pyproject.toml. Without a working C++ compiler the extension is skipped
-(``optional=True``) and the package runs its Python kernels: same results, slower per call.
+Everything else is in pyproject.toml. Where the build fails (no working C++ compiler, a torch it
+cannot use) the install goes on without it and the package runs its Python kernels: same results,
+slower per call.
 """
 import sys
 
@@ -21,8 +22,8 @@ else:
         extra_compile_args=["-O2"],
         py_limited_api=False,
     )
-    ext.optional = True
     ext_modules = [ext]
+
     class OptionalBuild(BuildExtension.with_options(use_ninja=False)):
         """Any failure (no compiler, one torch cannot use) leaves the Python kernels, with a warning."""
 
