@@ -10,14 +10,7 @@
 // Loaded by graph_rewrite/ops/cpp.py with ctypes: it checks graph_rewrite_built_for() against the
 // running torch before graph_rewrite_register() adds the kernels, so a build for another torch is
 // never used.
-#include <ATen/ATen.h>
-#include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/forward_grad.h>
-#include <torch/library.h>
+#include "common.h"
 
 #include <cmath>
 #include <limits>
@@ -29,29 +22,7 @@
 
 namespace graph_rewrite {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// How many runtime front-end modes this thread is in: their calls take the Python kernels, whose
-// nodes the mode's in-place guard can make keep a copy of the saved output (frontends/runtime.py).
 thread_local int python_only_depth = 0;
-
-// A dense CPU tensor that nothing intercepts: no subclass or tracer (Python key), no functorch
-// wrapper or transform, no dispatch mode, no autocast, no forward-AD dual level (the Python
-// kernel takes its jvp Function under any level, as activations._transforms_active says).
-bool plain_cpu(const at::Tensor& x) {
-  static const c10::DispatchKeySet plain({c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
-                                          c10::DispatchKey::ADInplaceOrView});
-  // Every tensor carries its backend's autocast key; the TLS check below says whether autocast is on.
-  return python_only_depth == 0 && x.key_set().remove(c10::DispatchKey::AutocastCPU) == plain && c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
-         !c10::impl::tls_local_dispatch_key_set().included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
-         !at::autocast::is_autocast_enabled(at::kCPU) && !torch::autograd::ForwardADLevel::has_any_level();
-}
-
-bool floating(const at::Tensor& x) {
-  auto s = x.scalar_type();
-  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
-}
 
 double eps(at::ScalarType s) {
   switch (s) {
@@ -103,11 +74,6 @@ at::Tensor opmath(const at::Tensor& t) {
 at::Tensor times_grad(at::Tensor t, const at::Tensor& grad) {
   if (t.strides() == grad.strides()) return t.mul_(grad);
   return at::mul(grad, t);
-}
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> twin(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 // ----------------------------------------------------------------------------------- softplus
