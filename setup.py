@@ -1,4 +1,4 @@
-"""Builds the optional C++ kernels, graph_rewrite/ops/csrc/lean_ops.cpp, against the torch in the build.
+"""Builds the optional C++ kernels, graph_rewrite/ops/csrc/*.cpp, against the torch in the build.
 
 Everything else is in pyproject.toml. Where the build fails (no working C++ compiler, a torch it
 cannot use) the install goes on without it and the package runs its Python kernels: same results,
@@ -16,7 +16,7 @@ except ImportError:  # a build without torch: the Python kernels only
 else:
     ext = CppExtension(
         "graph_rewrite.ops._lean_ops",
-        ["graph_rewrite/ops/csrc/lean_ops.cpp"],
+        ["graph_rewrite/ops/csrc/lean_ops.cpp", "graph_rewrite/ops/csrc/recompute_ops.cpp"],
         # cpp.py compares this with the running torch before loading the library.
         define_macros=[("GR_TORCH_VERSION", f'"{torch.__version__}"')],
         extra_compile_args=["-O2"],

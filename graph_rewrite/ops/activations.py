@@ -674,8 +674,6 @@ class _LogSigmoidTransforms(torch.autograd.Function):
 
 _define("logsigmoid(Tensor x) -> Tensor", _logsigmoid_kernel, _logsigmoid_fake, _LogSigmoid, _LogSigmoidTransforms)
 _define_grad("_logsigmoid_grad_python(Tensor grad, Tensor y, Tensor? record=None) -> Tensor", logsigmoid_grad)
-if _CPP:
-    cpp.register()
 
 
 def python_kernel(op):

@@ -1,9 +1,12 @@
-"""The C++ Autograd kernels of the lean activations (``csrc/lean_ops.cpp``), when built for this torch.
+"""The C++ Autograd kernels of the lean ops (``csrc/lean_ops.cpp``: softplus, sigmoid, logsigmoid;
+``csrc/recompute_ops.cpp``: norm_act and the Linear, convolution and mul recompute ops), when built
+for this torch.
 
 ``pip install`` compiles them where a C++ compiler is found; without one the install goes on and
 the ops run their Python kernels, which give the same bits at a higher per-call cost on small
 tensors (benchmarks/OVERHEAD.md). The kernels serve plain CPU tensors; tracers, subclasses, torch.func transforms,
-autocast, CUDA tensors and second derivatives are handed to the Python kernels.
+autocast and CUDA tensors are handed to the Python kernels (so are the activations' second derivatives,
+GroupNorm, LayerNorm recomputes and consumers of a Python lean producer).
 
 The library is used only if it was built against the running torch (the same ``torch.__version__``):
 a build for another torch is left unloaded rather than risk a mismatched ABI. Set
@@ -27,7 +30,7 @@ import torch
 __all__ = ["OPS", "load", "register", "active", "status", "python_only"]
 
 # The ops whose Autograd kernel the library provides.
-OPS = ("softplus", "sigmoid", "logsigmoid")
+OPS = ("softplus", "sigmoid", "logsigmoid", "norm_act", "recompute_conv", "recompute_mul", "recompute_linear")
 
 _DISABLE = "GRAPH_REWRITE_NO_CPP"
 _NAME = "_lean_ops"  # the extension's module name, next to this file
@@ -92,7 +95,7 @@ def python_only(delta: int) -> None:
 
 
 def active() -> bool:
-    """Whether softplus, sigmoid and logsigmoid run their C++ Autograd kernels on CPU tensors."""
+    """Whether the ops of :data:`OPS` run their C++ Autograd kernels on CPU tensors."""
     return _registered
 
 

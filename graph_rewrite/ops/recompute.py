@@ -18,6 +18,10 @@ recomputes a LayerNorm (``act="layer_norm"``, ``act_arg`` its eps, ``norm_shape`
 ``norm_weight`` and ``norm_bias`` the rest of its arguments): LayerNorm keeps its
 input too, and recomputing it is the same row-wise kernel on the same input.
 
+On plain CPU tensors the ops run the C++ kernels of ``csrc/recompute_ops.cpp``, which make the
+same ATen calls as the Functions here (the same bits, tested against the twins
+``_<name>_python``); these serve everything else.
+
 Example::
 
     >>> import torch, torch.nn.functional as F, graph_rewrite.ops
@@ -582,6 +586,11 @@ def _addcmul_is_batch_norm(dtype: torch.dtype) -> bool:
             if not torch.equal(h, _linear_terms_applied(z, weight, bias, mean, invstd)):
                 return False
     return True
+
+
+# The C++ norm_act (csrc/recompute_ops.cpp) asks this once per dtype: one check, kept here.
+_lib.define("_batch_norm_rebuild_exact(Tensor like) -> bool")
+_lib.impl("_batch_norm_rebuild_exact", lambda like: _addcmul_is_batch_norm(like.dtype), "CompositeImplicitAutograd")
 
 
 def _weyl(n: int, scale: float, shift: float) -> Tensor:

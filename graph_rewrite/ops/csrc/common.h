@@ -1,4 +1,4 @@
-// What the kernel files share: which calls the C++ kernels serve, and how they hand the rest
+// What the two kernel files share: which calls the C++ kernels serve, and how they hand the rest
 // to the Python kernels (the twin ops "_<name>_python" that activations.py and recompute.py define).
 #pragma once
 
@@ -42,5 +42,8 @@ template <class Signature>
 c10::TypedOperatorHandle<Signature> twin(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+// recompute_ops.cpp: the Autograd kernels of norm_act and the recompute consumers.
+void register_recompute(torch::Library& lib);
 
 }  // namespace graph_rewrite

@@ -7,6 +7,8 @@
 // tiny outputs in backward) goes to the Python kernels, through the twin ops "_<name>_python" and
 // "_<name>_grad_python" that activations.py defines.
 //
+// recompute_ops.cpp has those of norm_act and the recompute consumers; common.h what both share.
+//
 // Loaded by graph_rewrite/ops/cpp.py with ctypes: it checks graph_rewrite_built_for() against the
 // running torch before graph_rewrite_register() adds the kernels, so a build for another torch is
 // never used.
@@ -195,7 +197,8 @@ const char* graph_rewrite_built_for() { return GR_TORCH_VERSION; }
 // delta = +1 on entering a region whose calls take the Python kernels, -1 on leaving it; this thread only.
 void graph_rewrite_python_only(int delta) { graph_rewrite::python_only_depth += delta; }
 
-// Make these the Autograd kernels of the ops activations.py defined. Once per process.
+// Make these and recompute_ops.cpp's the Autograd kernels of the ops activations.py and recompute.py
+// defined. Once per process.
 void graph_rewrite_register() {
   static torch::Library* lib = nullptr;
   if (lib != nullptr) return;
@@ -203,6 +206,7 @@ void graph_rewrite_register() {
   lib->impl("softplus", TORCH_FN(graph_rewrite::softplus));
   lib->impl("sigmoid", TORCH_FN(graph_rewrite::sigmoid));
   lib->impl("logsigmoid", TORCH_FN(graph_rewrite::logsigmoid));
+  graph_rewrite::register_recompute(*lib);
 }
 
 }  // extern "C"
