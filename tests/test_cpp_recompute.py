@@ -249,6 +249,36 @@ def test_backward_orders_and_partial_gradients():
         _identical(a, b)
 
 
+def test_saved_tensor_hooks_see_the_same_calls_as_with_the_python_kernels():
+    # An offloading hook (save_on_cpu and the like) sees what it sees with the Python kernels: the
+    # consumer takes the norm_act's tensors as Python does, not by unpacking them from its node in
+    # forward, and in backward unpacks the node's only where the cached norm output is not there.
+    torch.manual_seed(9)
+    block = Block().train()
+    z = torch.randn(2, 8, 5, 5)
+    calls = {}
+    for how in ("cpp", "python"):
+        packed, unpacked = [], []
+
+        def pack(t):
+            packed.append((tuple(t.shape), t.dtype))
+            return t
+
+        def unpack(t):
+            unpacked.append(tuple(t.shape))
+            return t
+
+        b = _copy(block)
+        leaf = z.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = b(leaf, how)
+            in_forward = len(unpacked)
+            y.sum().backward()
+        calls[how] = (sorted(packed, key=str), in_forward, len(unpacked))
+    assert calls["cpp"] == calls["python"]
+    assert calls["cpp"][1] == 2  # the BatchNorm's statistics, read off its node (Python does the same)
+
+
 def test_what_the_cpp_kernels_do_not_serve_goes_to_python():
     torch.manual_seed(7)
     z = torch.randn(2, 8, 4, 4, requires_grad=True)

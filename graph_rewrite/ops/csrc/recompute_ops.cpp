@@ -27,6 +27,8 @@ namespace graph_rewrite {
 
 using OptTensor = std::optional<at::Tensor>;
 using torch::autograd::CppNode;
+// An autograd node's owning pointer (a shared_ptr in older torch releases).
+using NodePtr = std::decay_t<decltype(std::declval<const at::Tensor&>().grad_fn())>;
 
 // ----------------------------------------------------------------------------------- activations
 // recompute.ACTIVATIONS and ACTIVATION_BACKWARDS, as numbers; anything else is Python's.
@@ -152,6 +154,30 @@ struct NormState : torch::CustomClassHolder {
   int64_t buffers = -1;  // the running statistics' length, or -1 without them
   at::ScalarType buffers_dtype = at::kFloat;
   at::Tensor h;
+  // The node's saved tensors (z, weight, bias, first, second), held weakly for its consumers, as
+  // recompute._tensors_for_consumers does: unpacking them from the node in forward would run
+  // the saved-tensor hooks' unpack (an offloading hook's copy back) for nothing. Under such hooks
+  // the node keeps packed copies only, and these are gone once forward drops them.
+  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> for_consumers;
+  std::vector<bool> defined;
+
+  void keep_for_consumers(const variable_list& tensors) {
+    for (const at::Tensor& t : tensors) {
+      for_consumers.emplace_back(t.getIntrusivePtr());
+      defined.push_back(t.defined());
+    }
+  }
+
+  // The same tensors, or none if one has been freed since.
+  std::optional<variable_list> tensors_for_consumers() const {
+    variable_list out;
+    for (size_t i = 0; i < for_consumers.size(); ++i) {
+      auto t = for_consumers[i].lock();
+      if (defined[i] && !t) return std::nullopt;
+      out.emplace_back(std::move(t));
+    }
+    return out;
+  }
 };
 
 // recompute._norm_again: h = BatchNorm(z) again, from (z, weight, bias, first, second).
@@ -177,9 +203,12 @@ at::Tensor norm_again(const NormState& norm, const variable_list& t) {
 
 // recompute.norm_output: once per backward for the norm_act and its consumers; not cached when
 // differentiable (create_graph).
-at::Tensor norm_output(NormState& norm, const variable_list& tensors) {
-  if (at::GradMode::is_enabled()) return norm_again(norm, tensors);
-  if (!norm.h.defined()) norm.h = norm_again(norm, tensors);
+// ``tensors()`` gives (z, weight, bias, first, second), asked only when they are needed: unpacking
+// runs the saved-tensor hooks, as often as recompute.py does.
+template <class Tensors>
+at::Tensor norm_output(NormState& norm, const Tensors& tensors) {
+  if (at::GradMode::is_enabled()) return norm_again(norm, tensors());
+  if (!norm.h.defined()) norm.h = norm_again(norm, tensors());
   return norm.h;
 }
 
@@ -226,7 +255,9 @@ struct LeanNormAct : public torch::autograd::Function<LeanNormAct> {
       st->norm->buffers = running_mean->size(0);
       st->norm->buffers_dtype = running_mean->scalar_type();
     }
-    ctx->save_for_backward({z, value(weight), value(bias), first, second});
+    variable_list kept{z, value(weight), value(bias), first, second};
+    st->norm->keep_for_consumers(kept);
+    ctx->save_for_backward(std::move(kept));
     return out;
   }
 
@@ -235,13 +266,12 @@ struct LeanNormAct : public torch::autograd::Function<LeanNormAct> {
     auto st = state<ActState>(ctx);
     const int64_t act = st->act;
     const double arg = st->arg;
-    auto saved = ctx->get_saved_variables();
     at::Tensor h;
     if (st->norm) {
-      h = norm_output(*st->norm, saved);
+      h = norm_output(*st->norm, [ctx] { return ctx->get_saved_variables(); });
       st->norm->h = at::Tensor();  // the consumers are done with it
     } else {
-      h = saved[0];
+      h = ctx->get_saved_variables()[0];
     }
     variable_list out(9);
     if (!at::GradMode::is_enabled()) {  // the usual backward: the activation's kernel, at h
@@ -274,20 +304,15 @@ at::Tensor norm_act(const at::Tensor& h, const at::Tensor& z, c10::string_view a
 }
 
 // ----------------------------------------------------------------------------------- consumers
-// recompute._save / _unpack / _act_input. A consumer of a C++ norm_act's output keeps that node's
-// tensors (the same storages: no new bytes) and its NormState, and no x; any other keeps x.
+// recompute._save / _unpack / _act_input. A consumer of a C++ norm_act's output keeps no x: it keeps
+// that node and its NormState, and the node's tensors while they are alive (the same storages: no
+// new bytes), for a backward in which the node has run first and freed its own. Any other keeps x.
 
-// The shared state and tensors of the C++ norm_act that made h, if it kept z rather than h.
-std::optional<std::pair<c10::intrusive_ptr<NormState>, variable_list>> lean_producer(const at::Tensor& h) {
-  auto* node = dynamic_cast<CppNode<LeanNormAct>*>(h.grad_fn().get());
-  if (node == nullptr) return std::nullopt;
-  auto norm = state<ActState>(&node->ctx_)->norm;
-  if (!norm) return std::nullopt;
-  try {
-    return std::make_pair(norm, node->ctx_.get_saved_variables());
-  } catch (const c10::Error&) {  // its backward has run and freed them: recompute from x instead
-    return std::nullopt;
-  }
+// The C++ norm_act that made h, if it kept z rather than h.
+NodePtr lean_producer(const at::Tensor& h) {
+  const auto& node = h.grad_fn();
+  auto* norm_act = dynamic_cast<CppNode<LeanNormAct>*>(node.get());
+  return norm_act != nullptr && state<ActState>(&norm_act->ctx_)->norm ? node : nullptr;
 }
 
 // Whether h was made by a Python autograd.Function: it may be a lean producer only Python knows
@@ -300,6 +325,7 @@ bool made_in_python(const at::Tensor& h) {
 // A consumer's data: its activation, how many of its saved tensors are its own, the geometry and
 // dtype of forward's h, and the layer's arguments.
 struct ConsumerState : ActState {
+  NodePtr producer;  // a lean norm_act, or null
   int64_t own = 1;
   std::vector<int64_t> sizes, strides;
   int64_t offset = 0;
@@ -323,13 +349,13 @@ c10::intrusive_ptr<ConsumerState> consumer_state(AutogradContext* ctx, int64_t a
 
 void save_consumer(AutogradContext* ctx, ConsumerState& st, const at::Tensor& x, const at::Tensor& h,
                    variable_list rest, bool producer_allowed = true) {
-  auto producer = producer_allowed ? lean_producer(h) : std::nullopt;
+  st.producer = producer_allowed ? lean_producer(h) : nullptr;
   st.own = static_cast<int64_t>(rest.size() + 1);
-  variable_list saved{producer ? at::Tensor() : x};
+  variable_list saved{st.producer ? at::Tensor() : x};
   saved.insert(saved.end(), rest.begin(), rest.end());
-  if (producer) {
-    st.norm = producer->first;
-    saved.insert(saved.end(), producer->second.begin(), producer->second.end());
+  if (st.producer) {
+    st.norm = state<ActState>(&static_cast<CppNode<LeanNormAct>*>(st.producer.get())->ctx_)->norm;
+    if (auto tensors = st.norm->tensors_for_consumers()) saved.insert(saved.end(), tensors->begin(), tensors->end());
   }
   ctx->save_for_backward(saved);
 }
@@ -337,8 +363,12 @@ void save_consumer(AutogradContext* ctx, ConsumerState& st, const at::Tensor& x,
 // (x or undefined, the consumer's own tensors...) and the activation's input: x, or the norm's output.
 std::pair<variable_list, at::Tensor> unpack_consumer(AutogradContext* ctx, ConsumerState& st) {
   variable_list saved = ctx->get_saved_variables();
-  if (!st.norm) return {saved, saved[0]};
-  at::Tensor a = norm_output(*st.norm, variable_list(saved.begin() + st.own, saved.end()));
+  if (!st.producer) return {saved, saved[0]};
+  at::Tensor a = norm_output(*st.norm, [&] {
+    variable_list tensors(saved.begin() + st.own, saved.end());
+    return tensors.empty() ? static_cast<CppNode<LeanNormAct>*>(st.producer.get())->ctx_.get_saved_variables()
+                           : tensors;
+  });
   saved.resize(st.own);
   return {saved, a};
 }
