@@ -202,9 +202,8 @@ at::Tensor norm_again(const NormState& norm, const variable_list& t) {
 }
 
 // recompute.norm_output: once per backward for the norm_act and its consumers; not cached when
-// differentiable (create_graph).
-// ``tensors()`` gives (z, weight, bias, first, second), asked only when they are needed: unpacking
-// runs the saved-tensor hooks, as often as recompute.py does.
+// differentiable (create_graph). ``tensors()`` gives (z, weight, bias, first, second), asked only
+// when they are needed: unpacking runs the saved-tensor hooks, as often as recompute.py does.
 template <class Tensors>
 at::Tensor norm_output(NormState& norm, const Tensors& tensors) {
   if (at::GradMode::is_enabled()) return norm_again(norm, tensors());
