@@ -5,7 +5,7 @@
 // the same bits as the Python kernels.
 //
 // A consumer after a norm_act (BatchNorm -> SiLU -> convolution) keeps the norm_act's tensors, not
-// its output, and asks it for the BatchNorm's output in backward: the two share one dictionary,
+// its output, and asks it for the BatchNorm's output in backward: the two share one NormState,
 // which caches that output between the consumer's backward and the norm_act's, as recompute.py's
 // norm_output does.
 //
@@ -307,11 +307,13 @@ at::Tensor norm_act(const at::Tensor& h, const at::Tensor& z, c10::string_view a
 // that node and its NormState, and the node's tensors while they are alive (the same storages: no
 // new bytes), for a backward in which the node has run first and freed its own. Any other keeps x.
 
-// The C++ norm_act that made h, if it kept z rather than h.
-NodePtr lean_producer(const at::Tensor& h) {
+// The C++ norm_act that made h and its NormState, if it kept z rather than h; nulls otherwise.
+std::pair<NodePtr, c10::intrusive_ptr<NormState>> lean_producer(const at::Tensor& h) {
   const auto& node = h.grad_fn();
   auto* norm_act = dynamic_cast<CppNode<LeanNormAct>*>(node.get());
-  return norm_act != nullptr && state<ActState>(&norm_act->ctx_)->norm ? node : nullptr;
+  if (norm_act == nullptr) return {};
+  auto norm = state<ActState>(&norm_act->ctx_)->norm;
+  return {norm ? node : NodePtr(), norm};
 }
 
 // Whether h was made by a Python autograd.Function: it may be a lean producer only Python knows
@@ -348,12 +350,11 @@ c10::intrusive_ptr<ConsumerState> consumer_state(AutogradContext* ctx, int64_t a
 
 void save_consumer(AutogradContext* ctx, ConsumerState& st, const at::Tensor& x, const at::Tensor& h,
                    variable_list rest, bool producer_allowed = true) {
-  st.producer = producer_allowed ? lean_producer(h) : nullptr;
+  if (producer_allowed) std::tie(st.producer, st.norm) = lean_producer(h);
   st.own = static_cast<int64_t>(rest.size() + 1);
   variable_list saved{st.producer ? at::Tensor() : x};
   saved.insert(saved.end(), rest.begin(), rest.end());
   if (st.producer) {
-    st.norm = state<ActState>(&static_cast<CppNode<LeanNormAct>*>(st.producer.get())->ctx_)->norm;
     if (auto tensors = st.norm->tensors_for_consumers()) saved.insert(saved.end(), tensors->begin(), tensors->end());
   }
   ctx->save_for_backward(saved);
