@@ -42,6 +42,12 @@ def _readable(code: str) -> List[str]:
     return [_FREE_VALUES.sub("", line).rstrip() for line in code.strip("\n").splitlines()]
 
 
+def _fx_code(gm: fx.GraphModule) -> str:
+    """The module's code as FX writes it: ``optimize()``'s copy runs a spelling of it with
+    faster submodule lookups, which would make every line of a diff differ."""
+    return gm.graph.python_code("self").src
+
+
 def _target_name(target: object) -> str:
     qualified = getattr(target, "_qualified_op_name", None)  # an op packet, e.g. graph_rewrite::sigmoid
     if qualified:
@@ -84,7 +90,7 @@ def rewritten_nodes(optimized: nn.Module) -> List[Tuple[str, str, str, str, str]
 def _original_code(original: nn.Module, optimized: nn.Module) -> Tuple[Optional[str], str]:
     """(code of ``original`` as FX would print it, or None; why it is None)."""
     if isinstance(original, fx.GraphModule):
-        return original.code, ""
+        return _fx_code(original), ""
     # Trace a shallow copy with optimize()'s tracer, keeping as calls the modules that
     # optimize() could not trace, so node names line up with the optimized graph. The
     # copy keeps the user's modules free of what tracing caches on them.
@@ -176,6 +182,6 @@ def _eager_diff(original: nn.Module, optimized: nn.Module, context: int) -> str:
     if before is None:
         return f"(no code diff: {why})"
     diff = list(difflib.unified_diff(
-        _readable(before), _readable(optimized.code), "original", "optimized", n=max(0, context), lineterm=""
+        _readable(before), _readable(_fx_code(optimized)), "original", "optimized", n=max(0, context), lineterm=""
     ))
     return "\n".join(diff) if diff else "(the code is unchanged)"

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune
 import torchvision
 from torch.fx import _symbolic_trace
 
@@ -293,3 +294,92 @@ def test_the_refusal_survives_copies():
         with pytest.raises(RuntimeError, match="rewritten into graph_rewrite.softplus"):
             twin[1].register_forward_hook(lambda *a: None)
         twin[0].register_forward_hook(lambda *a: None)
+
+
+def _nested(depth: int = 4) -> nn.Module:
+    inner = nn.Sequential(nn.Linear(8, 8), nn.Softplus())
+    for _ in range(depth - 1):
+        inner = nn.Sequential(inner, nn.Linear(8, 8))
+    return inner
+
+
+def _module_getattr_calls(module: nn.Module, x: torch.Tensor, monkeypatch) -> int:
+    """How often ``nn.Module.__getattr__`` runs in one forward of ``module``."""
+    calls = []
+    original = nn.Module.__getattr__
+
+    def counting(self, name):
+        calls.append(name)
+        return original(self, name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nn.Module, "__getattr__", counting)
+        module(x)
+    return len(calls)
+
+
+def test_the_copy_finds_its_submodules_without_module_getattr(monkeypatch):
+    # FX's code reads `getattr(getattr(self, "0"), "0")`: one Module.__getattr__ call, in Python,
+    # per step of each submodule's path, on every forward. The copy's code reads `_modules`.
+    torch.manual_seed(0)
+    model, x = _nested(), torch.randn(3, 8)
+    lean = graph_rewrite.optimize(model)
+    native = _module_getattr_calls(model, x, monkeypatch)  # Linear.forward's weight and bias
+    assert native == 2 * 4
+    for twin in (lean, copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
+        assert _module_getattr_calls(twin, x, monkeypatch) == native
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    lean.eval()  # another graph: compiled again, the same way
+    assert _module_getattr_calls(lean, x, monkeypatch) == native
+
+
+def test_submodules_replaced_or_pruned_after_optimize_run_as_such():
+    torch.manual_seed(0)
+    model, x = _nested(), torch.randn(3, 8)
+    lean = graph_rewrite.optimize(model)
+    lean[1] = nn.Linear(8, 8)  # the code looks each path up on every call
+    torch.nn.utils.prune.l1_unstructured(lean[0][0][0][0], "weight", amount=0.5)
+    pruned = lean[0][0][0][0]
+    first = nn.functional.linear(x, pruned.weight_orig * pruned.weight_mask, pruned.bias)
+    expected = lean[1](model[0][1](model[0][0][1](nn.functional.softplus(first))))
+    assert (pruned.weight == 0).sum() == 32
+    torch.testing.assert_close(lean(x), expected, rtol=0, atol=0)
+
+
+def test_a_model_class_with_its_own_getattr_still_has_it_called():
+    class Wrapper(nn.Module):  # as PEFT's wrappers: unknown names go on to the wrapped model
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+            self.model = _nested(2)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def __getattr__(self, name):
+            if name != "asked":
+                self.asked.append(name)
+            return super().__getattr__(name)
+
+    torch.manual_seed(0)
+    model, x = Wrapper(), torch.randn(3, 8)
+    lean = graph_rewrite.optimize(model)
+    asked = []
+    for m in (model, lean):
+        m.asked.clear()
+        m(x)
+        asked.append(list(m.asked))
+    torch.testing.assert_close(lean(x), model(x), rtol=0, atol=0)
+    # FX's code reads `self.model` once per submodule it calls under it; each read asks the class.
+    assert asked == [["model"], ["model"] * 2]
+
+
+def test_torch_jit_script_leaves_the_copy_as_it_was():
+    torch.manual_seed(0)
+    model, x = _nested(), torch.randn(3, 8)
+    lean = graph_rewrite.optimize(model)
+    code, modules = lean.code, dict(lean._modules)
+    scripted = torch.jit.script(lean)
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+    assert lean.code == code and dict(lean._modules) == modules and type(lean).forward.__code__
+    assert "graph_rewrite::softplus" in str(scripted.inlined_graph)

@@ -77,11 +77,21 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
         return super().train(mode)
 
     def recompile(self) -> "fx.graph.PythonCode":
+        with self.graph.on_generate_code(lambda earlier: _direct_lookups(self, self.graph, earlier)):
+            code = super().recompile()
         # Each recompile makes a new forward function: it gets the model's signature again.
-        code = super().recompile()
         if self._original_class is not None:
             _sign_like(type(self).forward, self._original_class.forward)
         return code
+
+    def __prepare_scriptable__(self) -> "RewrittenModule":
+        # TorchScript compiles forward's source and has no `_modules`: it gets a twin whose code
+        # spells each path FX's way. Same submodules, parameters and buffers; this copy is unchanged.
+        twin = RewrittenModule.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        twin.__dict__["_modules"] = dict(self._modules)  # TorchScript's preparation may write to it
+        fx.GraphModule.recompile(twin)
+        return twin
 
     # GraphModule's own copy and pickle rebuild from the graph, keeping only the
     # submodules it uses; these keep the whole tree, the mode graphs and the report.
@@ -144,6 +154,75 @@ def _source(graph: fx.Graph) -> str:
 
     code = graph.python_code("self")
     return _format_import_block(code.globals, sys_importer) + "\n" + code.src
+
+
+def _fx_spelling(base: str, name: str) -> str:
+    """How FX's code reads attribute ``name`` of ``base``: ``base.name``, or ``getattr(base, "0")``."""
+    return f"{base}.{name}" if name.isidentifier() else f'getattr({base}, "{name}")'
+
+
+_MISSING = object()
+
+
+def _plain_submodule(parent: nn.Module, name: str) -> bool:
+    """Whether ``getattr(parent, name)`` is ``parent._modules[name]``: nothing that Python or
+    ``Module.__getattr__`` looks at first (the instance's dict, the class, parameters, buffers)
+    has that name, and the class keeps Module's own attribute lookup."""
+    cls = type(parent)
+    return (name in parent._modules and name not in parent.__dict__ and name not in parent._parameters
+            and name not in parent._buffers and cls.__getattr__ is nn.Module.__getattr__
+            and cls.__getattribute__ is object.__getattribute__
+            and inspect.getattr_static(cls, name, _MISSING) is _MISSING)
+
+
+def _spelling(root: nn.Module, target: str, calls_module: bool) -> Tuple[str, str]:
+    """(FX's spelling of ``target`` in the code, ours): ours reads each submodule on the path
+    from its parent's ``_modules``, where that is what ``getattr`` finds.
+
+    FX's ``getattr(getattr(self.features, "1"), "0")`` runs ``Module.__getattr__``, a Python
+    function, once per step of the path, on every call; ``self._modules["features"]._modules["1"]``
+    is two dict reads per step. The last step of a ``get_attr`` (a parameter, a buffer, a
+    pruned or parametrized weight) stays an attribute read, as do steps that fail the check.
+    """
+    names = target.split(".")
+    fx_text = ours = "self"
+    module: Optional[nn.Module] = root
+    for i, name in enumerate(names):
+        fx_text = _fx_spelling(fx_text, name)
+        is_module_step = calls_module or i < len(names) - 1
+        if is_module_step and module is not None and _plain_submodule(module, name):
+            ours, module = f"{ours}._modules[{name!r}]", module._modules[name]
+        else:
+            ours, module = _fx_spelling(ours, name), None
+    return fx_text, ours
+
+
+_COUNTER = re.compile(r"# COUNTER: (\d+)\n?$")
+
+
+def _direct_lookups(root: nn.Module, graph: fx.Graph, earlier=None):
+    """A body transformer for ``graph.on_generate_code``: in the line each ``call_module`` and
+    ``get_attr`` node emits, FX's spelling of the target becomes :func:`_spelling`'s. FX marks
+    each node's lines with ``# COUNTER: <index>``; a line not as expected is left as it is."""
+    nodes = list(graph.nodes)
+
+    def transform(body: List[str]) -> List[str]:
+        body = earlier(body) if earlier is not None else body
+        out, node = [], None
+        for line in body:
+            counter = _COUNTER.match(line)
+            if counter is not None:
+                node = nodes[int(counter.group(1))]
+            elif node is not None and node.op in ("call_module", "get_attr") and line.startswith(node.name):
+                fx_text, ours = _spelling(root, node.target, node.op == "call_module")
+                head, sep, rest = line.partition(" = ")
+                if sep and rest.startswith(fx_text) and rest[len(fx_text):len(fx_text) + 1] in ("(", ""):
+                    line = head + sep + ours + rest[len(fx_text):]
+                node = None
+            out.append(line)
+        return out
+
+    return transform
 
 
 class _OriginalOrder(fx.graph.CodeGen):
