@@ -520,11 +520,12 @@ The verdict lines under each table give the figures; the reasons:
 
 - **Against native eager: ahead on memory** on every model here, with gradients bitwise native's
   (error 0). **Step time equal or behind**: the rules run activations again in backward (and rebuild
-  a BatchNorm's output from its statistics), and each rewritten call goes through a Python
-  `autograd.Function`. The per-call part dominates tiny models: the tiny HF LLaMA runs under the
-  runtime front end, which looks at every torch call (at hidden 512 its step is 1.04x native,
-  `benchmarks/FAMILIES.md`); efficientnet_b0 pays most: every BatchNorm -> SiLU pair is rebuilt
-  in backward.
+  a BatchNorm's output from its statistics), and each rewritten call goes through an autograd
+  function (C++ on CPU for the activation, norm and recompute ops; Python for a module run again).
+  Fixed costs dominate tiny models: the tiny HF LLaMA runs its RMSNorms again in backward through
+  a nested autograd call each, and runs under the runtime front end, which looks at every torch
+  call (a wider LLaMA pays less: `benchmarks/FAMILIES.md`); among the CNNs efficientnet_b0 pays
+  most: every BatchNorm -> SiLU pair is rebuilt in backward.
 - **Against checkpointing per block: behind on memory, ahead on step time.** Checkpointing keeps only
   each block's input and runs every block's forward twice; the rules keep everything backward needs
   but the activations. Where memory must go lowest, checkpoint; the two compose (a checkpointed
