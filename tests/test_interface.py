@@ -383,3 +383,33 @@ def test_torch_jit_script_leaves_the_copy_as_it_was():
     torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
     assert lean.code == code and dict(lean._modules) == modules and type(lean).forward.__code__
     assert "graph_rewrite::softplus" in str(scripted.inlined_graph)
+
+
+def test_a_wrapper_put_in_after_optimize_is_refused_not_skipped():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model, x = _nested(2), torch.randn(3, 8)
+    lean = graph_rewrite.optimize(model)
+    apply_activation_checkpointing(lean, check_fn=lambda m: m is lean[0])
+    # The graph calls lean[0]'s modules itself: the wrapper's checkpoint would never run.
+    with pytest.raises(RuntimeError, match=r"'0\.0'.*submodule '0' is now a CheckpointWrapper.*before optimize"):
+        lean(x)
+
+
+class _Picky(nn.Module):
+    def forward(self, x):
+        if x.shape[0] != 3:  # control flow on a size: FX leaves the module a call
+            raise KeyError("batch")
+        return x
+
+
+def test_a_key_error_of_the_model_itself_is_raised_as_it_is():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Softplus(), _Picky())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lean = graph_rewrite.optimize(model)
+    lean(torch.randn(3, 8))
+    with pytest.raises(KeyError, match="batch"):
+        lean(torch.randn(4, 8))
+

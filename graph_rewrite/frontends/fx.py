@@ -84,6 +84,15 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
             _sign_like(type(self).forward, self._original_class.forward)
         return code
 
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except KeyError as e:
+            missing = _missing_submodule(self, e)
+            if missing is None:
+                raise
+            raise RuntimeError(missing) from e
+
     def __prepare_scriptable__(self) -> "RewrittenModule":
         # TorchScript compiles forward's source and has no `_modules`: it gets a twin whose code
         # spells each path FX's way. Same submodules, parameters and buffers; this copy is unchanged.
@@ -195,6 +204,32 @@ def _spelling(root: nn.Module, target: str, calls_module: bool) -> Tuple[str, st
         else:
             ours, module = _fx_spelling(ours, name), None
     return fx_text, ours
+
+
+def _missing_submodule(root: nn.Module, error: KeyError) -> Optional[str]:
+    """What to say when the code's ``_modules[name]`` raised ``error`` because a submodule on a
+    graph path now lacks ``name``: a wrapper put in after ``optimize()`` (checkpoint_wrapper,
+    FSDP's auto-wrap), which the graph would skip, as FX's spelling does silently. None if the
+    error is not that (a KeyError of the model's own code)."""
+    for node in root.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        names = node.target.split(".")
+        module, path = root, []
+        for name in names if node.op == "call_module" else names[:-1]:
+            if name not in module._modules:
+                if error.args != (name,):
+                    return None
+                where = f"submodule '{'.'.join(path)}'" if path else "the model"
+                return (f"the optimized model's graph calls '{node.target}', but {where} is now a "
+                        f"{type(module).__name__} without a submodule '{name}': a wrapper put in after "
+                        f"optimize() (checkpoint_wrapper, FSDP's auto-wrap) would not run, as the graph "
+                        f"calls the modules inside it. Apply it to the model before optimize().")
+            module = module._modules[name]
+            path.append(name)
+            if module is None:
+                break
+    return None
 
 
 _COUNTER = re.compile(r"# COUNTER: (\d+)\n?$")
