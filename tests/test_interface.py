@@ -413,3 +413,30 @@ def test_a_key_error_of_the_model_itself_is_raised_as_it_is():
     with pytest.raises(KeyError, match="batch"):
         lean(torch.randn(4, 8))
 
+
+def test_a_hook_on_a_container_traced_through_is_refused():
+    torch.manual_seed(0)
+    model, x = _nested(3), torch.randn(3, 8)
+    lean = graph_rewrite.optimize(model)
+    # The graph calls lean[0][0][0] and the Linears, never lean[0] or lean[0][0]: their hooks would not run.
+    for container in (lean[0], lean[0][0]):
+        with pytest.raises(RuntimeError, match=r"module '0(\.0)?' is traced through.*register_forward_pre_hook"):
+            container.register_forward_pre_hook(lambda *a: None)
+    calls = []
+    lean[0][1].register_forward_hook(lambda *a: calls.append("called by the graph"))
+    model[0].register_forward_hook(lambda *a: calls.append("the user's model"))
+    lean(x), model(x)
+    assert calls == ["called by the graph", "the user's model"]
+    twin = copy.deepcopy(lean)
+    with pytest.raises(RuntimeError, match="traced through"):
+        twin[0].register_forward_hook(lambda *a: None)
+
+
+def test_a_container_hooked_before_optimize_stays_a_call_and_its_hook_runs():
+    torch.manual_seed(0)
+    model, x = _nested(3), torch.randn(3, 8)
+    calls = []
+    model[0].register_forward_hook(lambda *a: calls.append("hook"))
+    lean = graph_rewrite.optimize(model)
+    torch.testing.assert_close(lean(x), model(x), rtol=0, atol=0)
+    assert calls == ["hook", "hook"]

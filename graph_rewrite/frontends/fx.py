@@ -434,18 +434,22 @@ _HOOK_REGISTRARS = ("register_forward_hook", "register_forward_pre_hook", "regis
 
 class _RefuseHook:
     """Stands for a hook registrar (``register_forward_hook``, ...) on the copy's instance of a
-    module that the rewritten graph no longer calls: such a hook would never run. An object of a
-    module-level class, not a closure, so the model still pickles and deep-copies."""
+    module that the rewritten graph no longer calls, or never called (a container traced
+    through): such a hook would never run in forward. An object of a module-level class, not a
+    closure, so the model still pickles and deep-copies."""
 
-    def __init__(self, path: str, op: str, method: str) -> None:
-        self.path, self.op, self.method = path, op, method
+    traced_through = False  # the class default: copies pickled before the attribute existed
+
+    def __init__(self, path: str, op: str, method: str, traced_through: bool = False) -> None:
+        self.path, self.op, self.method, self.traced_through = path, op, method, traced_through
 
     def __call__(self, *args, **kwargs):
+        why = ("is traced through: the optimized model's graph calls the modules inside it, not it, so"
+               if self.traced_through else f"was rewritten into {self.op}, so the optimized model no longer calls it:")
         raise RuntimeError(
-            f"graph_rewrite: module '{self.path}' was rewritten into {self.op}, so the optimized model no longer "
-            f"calls it: a hook registered with {self.method}() would never run. Hooks registered on the model "
-            "before graph_rewrite.optimize() are kept (a module with hooks is left as a call): register the hook "
-            "on the original model, then optimize it."
+            f"graph_rewrite: module '{self.path}' {why} a hook registered with {self.method}() would never run. "
+            "Hooks registered on the model before graph_rewrite.optimize() are kept (a module with hooks is left "
+            "as a call): register the hook on the original model, then optimize it."
         )
 
 
@@ -472,6 +476,23 @@ def _refuse_hooks_on_dropped(graphs: Sequence[fx.Graph], before: Sequence[Dict[s
             for method in _HOOK_REGISTRARS:
                 # On the instance, which is the copy's: the class, shared with the user's model, is left alone.
                 setattr(modules[path], method, _RefuseHook(_join(prefix, path) if prefix else path, op, method))
+
+
+def _refuse_hooks_on_traced_through(graphs: Sequence[fx.Graph], modules: Dict[str, nn.Module],
+                                    prefix: str = "") -> None:
+    """Refuse hooks on the modules whose insides some graph calls or reads, and that no graph
+    calls: containers FX traced through (``model.layer3``, a transformer block). A module run by
+    its own code (a call in the graph) calls its submodules itself: those take hooks."""
+    called = {t for g in graphs for t in _calls(g).values()}
+    targets = {n.target for g in graphs for n in g.nodes if n.op in ("call_module", "get_attr")}
+    inside = {t.rsplit(".", k)[0] for t in targets for k in range(1, t.count(".") + 1)}
+    for path in sorted(inside - called):
+        module = modules.get(path)
+        if module is None or isinstance(module.__dict__.get(_HOOK_REGISTRARS[0]), _RefuseHook) \
+                or any(_within(path, c) for c in called):
+            continue
+        for method in _HOOK_REGISTRARS:
+            setattr(module, method, _RefuseHook(_join(prefix, path) if prefix else path, "", method, True))
 
 
 def _op_name(target) -> str:
@@ -1008,6 +1029,7 @@ def _rewrite_and_build(root, graphs, reasons, constants, rules, report: RewriteR
             code_of[id(graph)] = graph.python_code("self").src
         codes[mode] = code_of[id(graph)]
     _refuse_hooks_on_dropped(unique, calls_before, modules, prefix)
+    _refuse_hooks_on_traced_through(unique, modules, prefix)
     for path, graph in cheap.items():
         _recompute_if_cheap(modules[path], path, rules, report, [graph])
     for path in sorted(reasons):
