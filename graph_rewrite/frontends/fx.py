@@ -189,7 +189,7 @@ def _spelling(root: nn.Module, target: str, calls_module: bool) -> Tuple[str, st
     from its parent's ``_modules``, where that is what ``getattr`` finds.
 
     FX's ``getattr(getattr(self.features, "1"), "0")`` runs ``Module.__getattr__``, a Python
-    function, once per step of the path, on every call; ``self._modules["features"]._modules["1"]``
+    function, once per step of the path, on every call; ``self._modules['features']._modules['1']``
     is two dict reads per step. The last step of a ``get_attr`` (a parameter, a buffer, a
     pruned or parametrized weight) stays an attribute read, as do steps that fail the check.
     """
