@@ -826,8 +826,6 @@ def recompute_module(forward, x: Tensor, *params: Tensor, uses: Optional[int] = 
     return _Recompute.apply(forward, uses, x, *([x] * (max(uses, 1) - 1)), *params)
 
 
-
-
 recompute_linear = torch.ops.graph_rewrite.recompute_linear
 recompute_conv = torch.ops.graph_rewrite.recompute_conv
 recompute_mul = torch.ops.graph_rewrite.recompute_mul
