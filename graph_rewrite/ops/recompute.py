@@ -746,29 +746,40 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, forward, uses, x, *rest):
         ctx.forward, ctx.uses, ctx.autocast, ctx.cache = forward, uses, _autocast_state(), None
+        ctx.again, ctx.ran = None, False  # see remake
         ctx.save_for_backward(x)
         ctx.lean, ctx.for_consumers = True, _weak((x,))
         return forward(x)
 
     @staticmethod
     def remake(ctx, saved: Optional[Sequence[Tensor]] = None) -> Tensor:
-        """The module's output again, for a consumer (without a graph unless create_graph)."""
+        """The module's output again, for a consumer. In the usual backward (no create_graph, this
+        node's backward still to come) it is made with the graph that backward differentiates,
+        kept for it until then: the module runs once in backward, not twice. That graph keeps the
+        module's intermediates meanwhile, which native keeps from forward on."""
         (x,) = ctx.saved_tensors if saved is None else saved
-        return _run_as_forward_ran(ctx, x)
+        if torch.is_grad_enabled() or ctx.ran:  # create_graph; or after this node's backward
+            return _run_as_forward_ran(ctx, x)
+        ctx.again = _again_with_graph(ctx, x)
+        return ctx.again[1].detach()
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.cache = None
+        ctx.cache, ctx.ran = None, True
+        again, ctx.again = ctx.again, None
         (x,) = ctx.saved_tensors
         k = max(ctx.uses, 1)
         params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
         needs_x = any(ctx.needs_input_grad[2:2 + k])
         # create_graph: differentiate through x itself, so that the gradients are functions of it.
         create = torch.is_grad_enabled()
-        base = x if create and x.requires_grad else x.detach().requires_grad_(needs_x)
-        with torch.enable_grad():
-            xd = base.view_as(base) if needs_x else base  # a node of its own: the edges into it are x's uses
-            y = _run_as_forward_ran(ctx, xd)
+        if create:
+            base = x if x.requires_grad else x.detach().requires_grad_(needs_x)
+            with torch.enable_grad():
+                xd = base.view_as(base) if needs_x else base
+                y = _run_as_forward_ran(ctx, xd)
+        else:
+            xd, y = again if again is not None else _again_with_graph(ctx, x)
         arrived: List[Optional[Tensor]] = []
         handles = [node.register_hook(functools.partial(_arrive, slots, arrived))
                    for node, slots in (_edges_into(y.grad_fn, xd.grad_fn).items() if needs_x else ())]
@@ -782,6 +793,17 @@ class _Recompute(torch.autograd.Function):
         if len(arrived) != k:  # not the edges forward counted: the sum, in one slot
             arrived = [gx] + [None] * (k - 1)
         return (None, None, *arrived, *grads)
+
+
+def _again_with_graph(ctx, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(xd, the module's output from it, with its graph): what :class:`_Recompute`'s backward
+    differentiates. ``xd`` is a view of ``x`` detached, a node of its own where x needs a
+    gradient: the edges into it are x's uses."""
+    needs_x = any(ctx.needs_input_grad[2:2 + max(ctx.uses, 1)])
+    base = x.detach().requires_grad_(needs_x)
+    with torch.enable_grad():
+        xd = base.view_as(base) if needs_x else base
+        return xd, _run_as_forward_ran(ctx, xd)
 
 
 def _arrive(slots: List[int], arrived: List[Optional[Tensor]], grad_inputs, grad_outputs) -> None:
