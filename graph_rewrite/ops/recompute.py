@@ -771,15 +771,8 @@ class _Recompute(torch.autograd.Function):
         k = max(ctx.uses, 1)
         params = tuple(p for p in ctx.forward.__self__.parameters() if p.requires_grad)
         needs_x = any(ctx.needs_input_grad[2:2 + k])
-        # create_graph: differentiate through x itself, so that the gradients are functions of it.
         create = torch.is_grad_enabled()
-        if create:
-            base = x if x.requires_grad else x.detach().requires_grad_(needs_x)
-            with torch.enable_grad():
-                xd = base.view_as(base) if needs_x else base
-                y = _run_as_forward_ran(ctx, xd)
-        else:
-            xd, y = again if again is not None else _again_with_graph(ctx, x)
+        xd, y = again if again is not None else _again_with_graph(ctx, x, create)
         arrived: List[Optional[Tensor]] = []
         handles = [node.register_hook(functools.partial(_arrive, slots, arrived))
                    for node, slots in (_edges_into(y.grad_fn, xd.grad_fn).items() if needs_x else ())]
@@ -795,12 +788,13 @@ class _Recompute(torch.autograd.Function):
         return (None, None, *arrived, *grads)
 
 
-def _again_with_graph(ctx, x: Tensor) -> Tuple[Tensor, Tensor]:
+def _again_with_graph(ctx, x: Tensor, create: bool = False) -> Tuple[Tensor, Tensor]:
     """(xd, the module's output from it, with its graph): what :class:`_Recompute`'s backward
-    differentiates. ``xd`` is a view of ``x`` detached, a node of its own where x needs a
-    gradient: the edges into it are x's uses."""
+    differentiates. ``xd`` is a view of ``x`` (detached, unless ``create``: create_graph
+    differentiates through x itself, so that the gradients are functions of it), a node of its
+    own where x needs a gradient: the edges into it are x's uses."""
     needs_x = any(ctx.needs_input_grad[2:2 + max(ctx.uses, 1)])
-    base = x.detach().requires_grad_(needs_x)
+    base = x if create and x.requires_grad else x.detach().requires_grad_(needs_x)
     with torch.enable_grad():
         xd = base.view_as(base) if needs_x else base
         return xd, _run_as_forward_ran(ctx, xd)
