@@ -447,9 +447,9 @@ class _RefuseHook:
         why = ("is traced through: the optimized model's graph calls the modules inside it, not it, so"
                if self.traced_through else f"was rewritten into {self.op}, so the optimized model no longer calls it:")
         raise RuntimeError(
-            f"graph_rewrite: module '{self.path}' {why} a hook registered with {self.method}() would never run. "
-            "Hooks registered on the model before graph_rewrite.optimize() are kept (a module with hooks is left "
-            "as a call): register the hook on the original model, then optimize it."
+            f"graph_rewrite: module '{self.path}' {why} a hook registered with {self.method}() would never run "
+            "in forward. Hooks registered on the model before graph_rewrite.optimize() are kept (a module with hooks "
+            "is left as a call): register the hook on the original model, then optimize it."
         )
 
 
