@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 
 import graph_rewrite  # noqa: E402
 from graph_rewrite.memory import saved_bytes  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 V = 256
 
@@ -272,7 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             versions.append(f"{name} not installed")
     text = [
         "# optimize() on the model families (benchmarks/families.py)", "",
-        f"{when}, {platform.machine()} CPU ({os.cpu_count()} cores, 1 torch thread), {', '.join(versions)}; "
+        f"{when}, {cpu_name()} CPU ({os.cpu_count()} cores, 1 torch thread), {', '.join(versions)}; "
         f"graph_rewrite at {commit}{' + uncommitted changes' if dirty else ''}. Tiny configs, random weights, "
         "train mode, float32. *Held*: bytes autograd keeps when forward returns, outputs included, weights and "
         "inputs excluded. *Front end*: how `optimize()` reached the model (`whole model`: one FX graph; "

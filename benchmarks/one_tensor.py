@@ -31,6 +31,7 @@ import graph_rewrite  # noqa: E402
 from graph_rewrite.memory import saved_bytes  # noqa: E402
 from graph_rewrite.report import estimated_savings  # noqa: E402
 from models import LlamaMLP  # noqa: E402  (benchmarks/models.py)
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 MiB = 2 ** 20
 
@@ -178,7 +179,7 @@ def main() -> None:
         "",
         f"Produced by `python benchmarks/one_tensor.py{' --quick' if args.quick else ''}` on {date}, "
         f"git {_git()}; every number below is from this one run (wall time {wall/60:.1f} min).",
-        f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch "
+        f"CPU only: {cpu_name()}, {os.cpu_count()} logical cores, torch "
         f"{torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}. "
         f"The machine is shared with other engineers' jobs: load average {load0:.2f} at start, "
         f"{100*busy:.0f}% of all CPU time busy during the run (this run included), so timings are noisy.",

@@ -18,7 +18,6 @@ import cProfile
 import datetime as _dt
 import io
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -35,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 import graph_rewrite  # noqa: E402,F401
 from graph_rewrite.ops import activations, cpp  # noqa: E402
 from graph_rewrite.ops.activations import python_kernel  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py)
 
 N = 1000
 
@@ -182,7 +182,7 @@ def main() -> int:
     except OSError:
         load = float("nan")
     L = ["# Per-call overhead of the lean op on CPU (benchmarks/overhead.py)", "",
-         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch threads "
+         f"CPU ({cpu_name()}, {os.cpu_count()} logical cores, torch threads "
          f"{torch.get_num_threads()}, load average {load:.1f} at the end: the machine is shared), torch {torch.__version__}, "
          f"{when}, {N}-element float32 tensor; median µs per call over {args.blocks} interleaved blocks of {args.calls} calls.",
          "No GPU was used.", "",

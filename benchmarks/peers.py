@@ -50,6 +50,7 @@ from torch._C._profiler import _EventType  # noqa: E402
 
 import graph_rewrite  # noqa: E402
 from families import table  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from graph_rewrite.memory import saved_bytes  # noqa: E402
 
 MiB = 2 ** 20
@@ -473,7 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             versions.append(f"{name} not installed")
     text = [
         "# graph_rewrite and what a user would pick instead (benchmarks/peers.py)", "",
-        f"{when}; {platform.platform()}, {platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread; "
+        f"{when}; {platform.platform()}, {cpu_name()} CPU, {os.cpu_count()} cores, 1 torch thread; "
         f"{', '.join(versions)}; graph_rewrite at {commit}{' + uncommitted changes' if dirty else ''}. "
         f"Run: {wall / 60:.1f} minutes{f', {args.pairs} timing pairs per alternative' if timed else ''}.", "",
         "Random weights, train mode, float32, CPU, dropout and stochastic depth 0. The compile columns use inductor "
