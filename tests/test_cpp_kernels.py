@@ -25,9 +25,10 @@ ops = torch.ops.graph_rewrite
 needs_cpp = pytest.mark.skipif(not cpp.active(), reason=f"C++ kernels: {cpp.status()}")
 
 # (op name, extra arguments): softplus at default and other lean parameters; negative threshold
-# makes the output's sign unknown (the aminmax test); negative beta gives negative outputs.
+# makes the output's sign unknown (the aminmax test); negative beta gives negative outputs; beta 0.3
+# is not a float32 or float16 number (the backward's -beta*y, rounded as the Python kernel rounds it).
 CASES = [("softplus", (1.0, 20.0)), ("softplus", (2.0, 20.0)), ("softplus", (1.0, -1.0)),
-         ("softplus", (-1.5, 20.0)), ("sigmoid", ()), ("logsigmoid", ())]
+         ("softplus", (-1.5, 20.0)), ("softplus", (0.3, 20.0)), ("sigmoid", ()), ("logsigmoid", ())]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Values on both branches and where outputs underflow (x < -87 in float32, < -17 in float16),
 # and the extremes: infinities, NaN, signed zeros.
@@ -68,6 +69,21 @@ def test_bitwise_the_python_kernel_on_extremes_and_random_values(name, args, dty
     x = x.to(dtype)
     g = (torch.randn(x.shape, generator=gen, dtype=torch.float64) * 1e3).to(dtype)  # loss-scaled
     (y, gx, _), (y_py, gx_py, _) = _both(name, args, x, g)
+    _identical(y, y_py)
+    _identical(gx, gx_py)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,args", CASES, ids=lambda c: str(c))
+def test_bitwise_the_python_kernel_where_the_cpp_backward_runs(name, args, dtype):
+    # Above, the underflowing extremes send the whole backward to Python (an output too small to
+    # carry the slope); here no output is that small, so the C++ backward formula itself runs.
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(3000, generator=gen, dtype=torch.float64) * 2).clamp(-4, 4).to(dtype)
+    g = (torch.randn(x.shape, generator=gen, dtype=torch.float64) * 1e3).to(dtype)
+    (y, gx, _), (y_py, gx_py, _) = _both(name, args, x, g)
+    assert (y.abs() >= torch.finfo(dtype).tiny).all()  # else the backward would go to Python
     _identical(y, y_py)
     _identical(gx, gx_py)
 
