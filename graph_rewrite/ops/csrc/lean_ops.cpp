@@ -2,7 +2,8 @@
 //
 // The same ops as graph_rewrite/ops/activations.py, without the Python round trips: the dispatcher
 // calling a Python kernel, autograd.Function.apply and a Python backward make a 1k-element softplus
-// forward and backward cost 2.7x native's time on CPU (benchmarks/OVERHEAD.md). These kernels compute the same bits (same ATen calls, same order).
+// forward and backward cost 2.7x to 3.8x native's time on CPU, by host (benchmarks/OVERHEAD.md). These kernels
+// compute the same bits (same ATen calls, same order).
 // Anything else (tracers, subclasses, torch.func, autocast, CUDA, branch masks, second derivatives,
 // tiny outputs in backward) goes to the Python kernels, through the twin ops "_<name>_python" and
 // "_<name>_grad_python" that activations.py defines.
