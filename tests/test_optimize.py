@@ -533,3 +533,37 @@ def test_optimize_says_when_nothing_it_rewrote_frees_memory():
         warnings.simplefilter("always")
         graph_rewrite.optimize(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)))
     assert not [w for w in caught if "frees memory" in str(w.message)]
+
+
+class _ScaledSoftplus(nn.Module):
+    """Branches on ``torch.is_tensor`` of an argument, as diffusers' UNet2DModel does on its timestep."""
+
+    def forward(self, x, scale):
+        if torch.is_tensor(scale):
+            return F.softplus(x) * scale
+        return F.softplus(x) * 2.0
+
+
+class _CallsScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.inner = _ScaledSoftplus()
+
+    def forward(self, x, scale):
+        return self.inner(self.lin(x), scale)
+
+
+def test_a_branch_on_torch_is_tensor_of_an_argument_is_not_traced_away():
+    # FX's stand-in for an argument is no tensor: the trace took the branch for numbers and
+    # returned softplus(x) * 2 for every scale.
+    torch.manual_seed(0)
+    model = _CallsScaled()
+    x, scale = torch.randn(3, 4), torch.tensor(3.0)
+    is_tensor = torch.is_tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize(model)
+    assert torch.is_tensor is is_tensor  # the tracer's stand-in is gone, also after a failed trace
+    assert torch.equal(opt(x, scale), model(x, scale))
+    assert torch.equal(opt(x, 2.0), model(x, 2.0))

@@ -564,6 +564,22 @@ def _context_changed(before: Tuple[object, ...], now: Tuple[object, ...]) -> Con
     return ContextNotRecorded("grad mode or autocast changed inside forward (FX records no context managers)")
 
 
+_IS_TENSOR = torch.is_tensor
+
+
+def _is_tensor_recorded(obj) -> object:
+    """``torch.is_tensor`` while :class:`_LeafTracer` traces: on a traced value, a recorded call.
+
+    ``torch.is_tensor`` is ``isinstance(obj, Tensor)``, False for FX's stand-in: a trace would
+    silently take the code's branch for non-tensors (diffusers' UNet2DModel then made
+    ``torch.tensor([timestep])`` of a tensor). Recorded, the call runs on the real value, and a
+    branch on its answer stops the trace like any branch on a traced value.
+    """
+    if isinstance(obj, fx.Proxy):
+        return obj.tracer.create_proxy("call_function", _IS_TENSOR, (obj,), {})
+    return _IS_TENSOR(obj)
+
+
 class _LeafTracer(fx.Tracer):
     """``symbolic_trace``'s tracer that also keeps hooked modules and ``leaves`` as calls.
 
@@ -574,6 +590,7 @@ class _LeafTracer(fx.Tracer):
     raises :class:`ContextNotRecorded`: the graph would run it without that context (a
     ``torch.utils.checkpoint`` region would be inlined, every activation in it kept).
     The module whose code entered the context is the one named in ``failed_in``.
+    ``torch.is_tensor`` of a traced value is recorded (:func:`_is_tensor_recorded`).
     """
 
     # Buffers as graph values: an in-place update (self.count.add_(1)) is then recorded
@@ -587,7 +604,12 @@ class _LeafTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self._context = _context()
-        return super().trace(root, concrete_args)
+        # For this trace only, as FX patches Module.__call__: the name the model's code reads.
+        torch.is_tensor = _is_tensor_recorded
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.is_tensor = _IS_TENSOR
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
