@@ -11,9 +11,10 @@ that is killed leaves the finished sections and a note saying what did not run):
 
 1. the fused Triton backward: exactness on the device against the composite, and its
    bandwidth at 16M elements as a share of ``copy_`` bandwidth (CUDA events);
-2. ``graph_rewrite.verify`` on five models: quickstart MLP, resnet50 with Softplus,
-   stock efficientnet_b0, a tiny HF Mamba, a LLaMA-style MLP: peak CUDA memory over
-   forward+backward, memory held after forward, activation bytes, before and after;
+2. ``graph_rewrite.verify`` on seven models: quickstart MLP, resnet50 with Softplus,
+   stock efficientnet_b0, a tiny HF Mamba, a LLaMA-style MLP, an HF LLaMA and a diffusers
+   UNet2DModel: peak CUDA memory over forward+backward, memory held after forward,
+   activation bytes, before and after;
 3. float16 and bfloat16 autocast: ``verify`` passes, and the same memory figures;
 4. step time lean/native (median, with the spread of the per-step ratios) at sizes
    that keep the GPU busy.
@@ -176,6 +177,17 @@ class LogitsOnly(nn.Module):
         return self.lm(input_ids=input_ids).logits
 
 
+class SampleOnly(nn.Module):
+    """A diffusers UNet returning only its ``sample`` (verify compares float outputs)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep).sample
+
+
 class Autocast(nn.Module):
     """Runs the wrapped model under ``torch.autocast(device_type, dtype)``."""
 
@@ -200,6 +212,10 @@ SIZES = {
                  "gpu": ((1, 1024, 1024, 2816, 4), (4, 1024, 1024, 2816, 4))},
     "llama_mlp": {"quick": ((64, 256, 688), (64, 256, 688)), "cpu": ((512, 1024, 2816), (512, 1024, 2816)),
                   "gpu": ((4096, 1024, 2816), (16384, 2048, 5632))},
+    # diffusers UNet2DModel: (batch, pixels, block channels); two levels (the second with attention)
+    # for the small sizes, four for the GPU (DDPM's 64-pixel layout: attention at 16 pixels).
+    "unet2d": {"quick": ((2, 32, (32, 64)), (2, 32, (32, 64))), "cpu": ((2, 64, (64, 128)), (2, 64, (64, 128))),
+               "gpu": ((16, 64, (128, 256, 256, 512)), (64, 64, (128, 256, 256, 512)))},
 }
 
 
@@ -238,6 +254,20 @@ def build(key: str, size: Any, device: str) -> Tuple[nn.Module, Tuple[torch.Tens
         inputs = (torch.randint(0, 32000, (batch, seq)),)
         desc = (f"HF LlamaForCausalLM, random weights (hidden {hidden}, intermediate {inter}, {layers} layers, "
                 f"vocab 32000, SDPA), {batch} x {seq} tokens")
+    elif key == "unet2d":
+        import diffusers
+
+        batch, px, channels = size
+        levels = {2: (("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")),
+                  4: (("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                      ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))}[len(channels)]
+        model = SampleOnly(diffusers.UNet2DModel(
+            sample_size=px, in_channels=3, out_channels=3, layers_per_block=1 if len(channels) == 2 else 2,
+            block_out_channels=channels, norm_num_groups=8 if len(channels) == 2 else 32,
+            down_block_types=levels[0], up_block_types=levels[1]))
+        inputs = (torch.randn(batch, 3, px, px), torch.randint(0, 1000, (batch,)))
+        desc = (f"diffusers UNet2DModel, random weights (channels {'/'.join(map(str, channels))}), "
+                f"batch {batch} at {px}x{px}")
     elif key == "llama_mlp":
         tokens, hidden, inter = size
         model = LlamaMLP(hidden, inter)
@@ -434,6 +464,8 @@ def _model_available(key: str) -> Optional[str]:
             import torchvision  # noqa: F401
         if key in ("mamba_tiny", "hf_llama"):
             import transformers  # noqa: F401
+        if key == "unet2d":
+            import diffusers  # noqa: F401
     except ImportError as e:
         return f"{e.name} is not installed"
     return None
@@ -570,14 +602,16 @@ def section_time(rep: Report, device: str, mode: str, deadline: float, keys: Seq
              "show how far a single CPU ratio can be trusted")
     text = ["## 4. Step time, lean / native", "",
             f"One forward + backward (sum of the outputs), {iters} steps each after 2 warm-up steps, native and lean "
-            f"interleaved in alternating order; {where}. Goal on GPU: ≤ 1.02 on resnet50-softplus and efficientnet_b0.",
+            f"interleaved in alternating order; {where}. Goals on GPU: ≤ 1.03 on hf_llama (bfloat16 autocast), "
+            "unet2d and efficientnet_b0, with their peak CUDA memory (section 2) down by at least their activation "
+            "bytes' share.",
             "", md_table(["model", "what", "rewritten", "native ms (median)", "lean ms (median)", "lean / native",
                           "per-step ratio, quartiles"], rows)]
     rep.add("time", "\n".join(text))
 
 
 # ============================================================================ main
-MODELS = ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny", "hf_llama"]
+MODELS = ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny", "hf_llama", "unet2d"]
 AUTOCAST_STEP = {"hf_llama": torch.bfloat16}  # step time under CUDA autocast for these
 
 
@@ -602,7 +636,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # --quick leaves out the torchvision models: building, tracing and verifying resnet50
     # alone takes 25 s on a loaded 2-core machine, and CI needs every code path, not sizes.
     chosen = args.models.split(",") if args.models else (
-        ["mlp", "llama_mlp", "mamba_tiny", "hf_llama"] if args.quick else MODELS)
+        ["mlp", "llama_mlp", "mamba_tiny", "hf_llama", "unet2d"] if args.quick else MODELS)
     unknown = set(chosen) - set(MODELS)
     if unknown:
         ap.error(f"unknown models {sorted(unknown)}; known: {MODELS}")
@@ -613,11 +647,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     section_verify(rep, device, mode, deadline, pick(MODELS))
     autocast_keys = ["mlp", "llama_mlp"] if device == "cuda" else ["mlp"]
     if device == "cuda":
-        autocast_keys += ["resnet50_softplus", "efficientnet_b0", "hf_llama"]
+        autocast_keys += ["resnet50_softplus", "efficientnet_b0", "hf_llama", "unet2d"]
     section_autocast(rep, device, mode, deadline, pick(autocast_keys))
     # The goal's models first on a GPU; on CPU the cheap ones first (resnet50 steps take seconds).
-    time_keys = (["hf_llama", "efficientnet_b0", "resnet50_softplus", "llama_mlp", "mlp", "mamba_tiny"] if device == "cuda"
-                 else ["mlp", "llama_mlp", "resnet50_softplus", "efficientnet_b0", "mamba_tiny"])
+    time_keys = (["hf_llama", "efficientnet_b0", "unet2d", "resnet50_softplus", "llama_mlp", "mlp", "mamba_tiny"]
+                 if device == "cuda" else ["mlp", "llama_mlp", "unet2d", "resnet50_softplus", "efficientnet_b0", "mamba_tiny"])
     section_time(rep, device, mode, deadline, pick(time_keys), iters=3 if args.quick else (20 if device == "cuda" else 5))
     rep.done = True
     rep.sections.append(f"Wall time of this run: {time.monotonic() - start:.0f} s; load average at the end: {_load()}.")
