@@ -605,11 +605,11 @@ class _LeafTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self._context = _context()
         # For this trace only, as FX patches Module.__call__: the name the model's code reads.
-        torch.is_tensor = _is_tensor_recorded
+        previous, torch.is_tensor = torch.is_tensor, _is_tensor_recorded
         try:
             return super().trace(root, concrete_args)
         finally:
-            torch.is_tensor = _IS_TENSOR
+            torch.is_tensor = previous  # a trace started inside another leaves the outer one's
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
