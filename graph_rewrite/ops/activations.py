@@ -96,7 +96,10 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
     ``setup_context``: that form costs ~40 µs less per call, but torch.func
     transforms and forward AD refuse it. While one of those is active the kernel
     applies ``transform_function`` instead (``setup_context``, ``jvp``, vmap rule).
-    Without ``transform_function`` the op raises under those. ``needs_graph(x, *args)``
+    Without ``transform_function`` it runs ``kernel`` itself there, whose native calls the
+    transforms know: native's values, derivatives and saved tensors. ``kernel`` must then
+    compute the op from native calls on its arguments, as the recompute ops' and hardtanh's
+    do. ``needs_graph(x, *args)``
     says whether a graph is recorded (default: ``x`` requires grad; ops with weights
     also look at those). ``under_autocast(x, *args)``, when given, runs instead of
     ``function`` while autocast is on for ``x``'s device.
@@ -113,13 +116,12 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
     # autograd.Function.apply takes no defaults, so put them back.
     defaults = tuple(a.default_value for a in op._schema.arguments[1:])
 
+    under_transforms = kernel if transform_function is None else transform_function.apply
+
     def autograd_kernel(x: Tensor, *args):
         args += defaults[len(args):]
         if _transforms_active():
-            if transform_function is None:
-                raise NotImplementedError(
-                    f"graph_rewrite::{name} does not support torch.func transforms or forward AD")
-            return transform_function.apply(x, *args)
+            return under_transforms(x, *args)
         if torch.is_grad_enabled() and (x.requires_grad if needs_graph is None else needs_graph(x, *args)):
             if under_autocast is not None and _autocast_on(x):
                 return under_autocast(x, *args)
@@ -134,7 +136,7 @@ def _define(schema: str, kernel, fake, function: type, transform_function: Optio
     def transforms_kernel(x: Tensor, *args):
         # torch.func's front key sees the call before any transform has lowered it:
         # from here the Function is applied as if the user had called it.
-        return transform_function.apply(x, *args, *defaults[len(args):])
+        return under_transforms(x, *args, *defaults[len(args):])
 
     for op_name in names:
         _lib.impl(op_name, transforms_kernel, "FuncTorchDynamicLayerFrontMode")
