@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from .frontends.fx import (
-    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, cheap_modules, trace_children,
-    _warn_uncovered,
+    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, cheap_modules,
+    optional_arguments, serve_calls_by_arguments, trace_children, _warn_uncovered,
 )
 from .frontends.runtime import run_under_mode
 from .frontends.torchscript import optimize_script
@@ -97,7 +97,8 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         if "forward" in model.__dict__:
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
         cheap = cheap_modules(root, rules)
-        graphs, reasons, constants = _trace_modes(root, list(cheap))
+        defaults = {name: default for name, _, default in optional_arguments(type(model).forward)}
+        graphs, reasons, constants = _trace_modes(root, list(cheap), defaults)
     except _RootUntraceable as e:
         # FX cannot trace the model's own forward: submodules FX can trace on their own
         # get graphs, and the copy's forward runs under the runtime front end, which
@@ -110,6 +111,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         root.rewrite_report = report
         return root
     gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True, cheap=cheap)
+    serve_calls_by_arguments(gm, graphs, rules, report)
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)", runtime=True)
     _warn_uncovered(report)

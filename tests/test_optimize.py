@@ -567,3 +567,81 @@ def test_a_branch_on_torch_is_tensor_of_an_argument_is_not_traced_away():
     assert torch.is_tensor is is_tensor  # the tracer's stand-in is gone, also after a failed trace
     assert torch.equal(opt(x, scale), model(x, scale))
     assert torch.equal(opt(x, 2.0), model(x, 2.0))
+
+
+class _MaskedBlock(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.norm, self.qkv = nn.LayerNorm(d), nn.Linear(d, 3 * d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, mask=None):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+        scores = q @ k.transpose(-1, -2)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        x = x + scores.softmax(-1) @ v
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class _OptionalArguments(nn.Module):
+    """A mask and labels that default to None, tested with ``is None`` as most models do."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.blocks = nn.ModuleList([_MaskedBlock(d), _MaskedBlock(d)])
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x, mask=None, *, labels=None):
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = self.head(x)
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def test_an_argument_left_to_its_none_default_takes_the_models_own_path():
+    # FX traces `mask` as a stand-in, for which `mask is not None` holds: the graph is the path
+    # of a given mask. lean(x) failed in masked_fill; with labels left out, in cross_entropy.
+    torch.manual_seed(0)
+    model = _OptionalArguments()
+    lean = optimize(model)
+    x, labels = torch.randn(2, 6, 16), torch.randint(0, 5, (2, 6))
+    mask = torch.rand(2, 6, 6) > 0.4
+    mask[..., 0] = True
+    calls = [((x,), {}), ((x, mask), {}), ((x,), {"mask": mask}), ((x, None), {"labels": labels}),
+             ((x, mask), {"labels": labels})]
+    for copy_of_lean in (lean, copy.deepcopy(lean)):
+        for args, kwargs in calls:
+            nets = (model, copy_of_lean)  # a deep copy has parameters of its own
+            (native_bytes, y0), (lean_bytes, y1) = (
+                saved_bytes(lambda: net(*args, **kwargs), exclude=net.parameters()) for net in nets)
+            assert torch.equal(y1, y0), (args, kwargs)
+            g0, g1 = (torch.autograd.grad(y.sum(), list(net.parameters())) for y, net in zip((y0, y1), nets))
+            assert all(torch.equal(a, b) for a, b in zip(g1, g0)), (args, kwargs)
+            assert lean_bytes < native_bytes, (args, kwargs, lean_bytes, native_bytes)
+    assert any("forward(mask=None, labels=None)" in note for note in lean.rewrite_report.notes)
+
+
+def test_timm_vit_called_without_a_mask_runs_a_graph_traced_without_one():
+    # timm's ViT: forward(x, attn_mask=None, is_causal=False) tests `attn_mask is not None or
+    # is_causal`. The graph for lean(x) is traced with the mask None and the flag False; a mask
+    # given takes the graph traced with one. Neither runs the runtime front end (no call sites).
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=5, drop_rate=0.0, drop_path_rate=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lean = optimize(model)
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 1, 17, 17) > 0.3
+    mask[..., 0] = True
+    params = list(model.parameters())
+    for args in ((x,), (x, mask)):
+        ys = [net(*args) for net in (model, lean)]
+        assert torch.equal(ys[1], ys[0]), len(args)
+        g0, g1 = (torch.autograd.grad(y.square().sum(), params) for y in ys)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g0)), len(args)
+    assert lean.rewrite_report.replaced and not [r for r in lean.rewrite_report.replaced if r.site]

@@ -20,11 +20,11 @@ from torch import fx
 
 from ..ops.recompute import recompute_module, uses_of_input
 from ..report import Replaced, Respelled, RewriteReport, Uncovered
-from ..rules import CheapModule, Rule, pattern_name
+from ..rules import CheapModule, Rule, pattern_name, rules_for
 from ..spellings import rewrite_spellings
 from .fx_pass import _where, has_hooks, rewrite_graph
 from .fx_recompute import rewrite_cheap_consumers, rewrite_recompute
-from .runtime import in_checkpoint, run_under_mode, saved_tensors_hooks_in_effect
+from .runtime import LeanFunctionMode, _forward_under_mode, in_checkpoint, run_under_mode, saved_tensors_hooks_in_effect
 
 __all__ = ["RewrittenModule"]
 
@@ -53,6 +53,11 @@ class _InitAsModule(nn.Module):
         nn.Module.__init__(self)
 
 
+# What a copy makes for itself on the first call that leaves an optional argument None (the
+# runtime mode, owned by the copy; the default graphs' compiled forwards): never copied or pickled.
+_MADE_ON_CALL = ("_call_mode", "_default_forwards")
+
+
 class RewrittenModule(fx.GraphModule, _InitAsModule):
     """What :func:`optimize` returns: a GraphModule with the original's module tree.
 
@@ -74,11 +79,15 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
         graphs = self.__dict__.get("_mode_graphs")
         if graphs is not None and self.graph is not graphs[mode]:
             self.graph = graphs[mode]  # the setter recompiles forward
+        self.__dict__["_graph_key"] = mode  # which of the graphs for calls at the defaults serves now
         return super().train(mode)
 
     def recompile(self) -> "fx.graph.PythonCode":
         with self.graph.on_generate_code(lambda earlier: _direct_lookups(self, self.graph, earlier)):
             code = super().recompile()
+        spec = self.__dict__.get("_optional_arguments")
+        if spec and self._original_class is not None:
+            type(self).forward = _forward_by_call(type(self).forward, spec)
         # Each recompile makes a new forward function: it gets the model's signature again.
         if self._original_class is not None:
             _sign_like(type(self).forward, self._original_class.forward)
@@ -107,21 +116,24 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
     def __deepcopy__(self, memo):
         res = RewrittenModule.__new__(type(self))  # a fresh per-instance class for forward
         memo[id(self)] = res
-        state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_graph",) + _MADE_ON_CALL}
         res.__dict__.update(copy.deepcopy(state, memo))
         res.__class__.__name__ = type(self).__name__
         res.graph = copy.deepcopy(self.graph, memo)
         return res
 
     def __reduce__(self):
-        body = {k: v for k, v in self.__dict__.items() if k not in ("_graph", "_mode_graphs")}
+        body = {k: v for k, v in self.__dict__.items()
+                if k not in ("_graph", "_mode_graphs", "_default_graphs") + _MADE_ON_CALL}
         graphs = self.__dict__.get("_mode_graphs")
         codes = {m: _source(g) for m, g in graphs.items()} if graphs else None
+        default_graphs = self.__dict__.get("_default_graphs")
+        default_codes = {m: _source(g) for m, g in default_graphs.items()} if default_graphs else None
         # The per-class subclass is made at run time: it is rebuilt from the model's class,
         # named by module and qualified name (a copy still loads where that class cannot be imported).
         original = self._original_class
         where = None if original is None else (original.__module__, original.__qualname__)
-        return (_unpickle, (body, _source(self.graph), codes, type(self).__name__, where))
+        return (_unpickle, (body, _source(self.graph), codes, type(self).__name__, where, default_codes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,7 +393,7 @@ def _import_class(where: Tuple[str, str]) -> Optional[type]:
 
 
 def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str,
-              original: Optional[Tuple[str, str]] = None) -> "RewrittenModule":
+              original: Optional[Tuple[str, str]] = None, default_codes: Optional[dict] = None) -> "RewrittenModule":
     # Lives in this module, so unpickling imports graph_rewrite and registers the ops.
     cls = _import_class(original) if original is not None else None
     res = RewrittenModule.__new__(RewrittenModule if cls is None else _class_for(cls))
@@ -392,6 +404,8 @@ def _unpickle(body: dict, code: str, mode_codes: Optional[dict], class_name: str
         res._mode_graphs = {
             m: res.graph if c == code else _graph_from_code(body, c) for m, c in mode_codes.items()
         }
+    if default_codes is not None:
+        res.__dict__["_default_graphs"] = {m: _graph_from_code(body, c) for m, c in default_codes.items()}
     return res
 
 
@@ -425,6 +439,105 @@ class _GuardedForward(_ModuleForward):
         if self.gm.training != self.module.training:
             self.gm.train(self.module.training)  # picks the graph for the mode
         return self.gm(*args)
+
+
+_OptionalArguments = Tuple[Tuple[str, Optional[int], object], ...]  # (name, position, default)
+
+
+def optional_arguments(forward) -> _OptionalArguments:
+    """(name, position, default) of each parameter of ``forward`` (a function with ``self``) that
+    defaults to None or to a bool, position None for a keyword-only one; () where none defaults
+    to None.
+
+    FX traces such a parameter as a Proxy, and ``mask is None`` of a Proxy is False without FX
+    seeing the test: the graph is the code's path for a given value. For a call that leaves it
+    None it may be another path (a mask applied to nothing, a loss on no labels). The flags come
+    along because the path for None often tests one (timm's ViT: ``attn_mask is not None or
+    is_causal``), and ``if`` on a Proxy stops a trace.
+
+    >>> optional_arguments(lambda self, x, mask=None, *, causal=False: x)
+    (('mask', 1, None), ('causal', None, False))
+    """
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return ()
+    P = inspect.Parameter
+    found = tuple((p.name, i if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) else None, p.default)
+                  for i, p in enumerate(params)
+                  if (p.default is None or type(p.default) is bool) and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD))
+    return found if any(default is None for _, _, default in found) else ()
+
+
+def _graph_for_call(spec: _OptionalArguments, args: tuple, kwargs: dict) -> Optional[str]:
+    """Which graph serves a call: ``"given"`` where it gives every argument of ``spec``
+    (:func:`optional_arguments`) that defaults to None, ``"default"`` where it leaves every one
+    at its default, None otherwise."""
+    given = default = True
+    for name, position, value_by_default in spec:
+        value = args[position] if position is not None and position < len(args) else kwargs.get(name, value_by_default)
+        if value_by_default is None:
+            given = given and value is not None
+        default = default and (value is value_by_default or (type(value) is bool and value == value_by_default))
+    return "given" if given else "default" if default else None
+
+
+@torch.compiler.disable  # code generation, once per graph: under torch.compile it ran as traced frames, recompiled per name
+def _forward_of(module: "RewrittenModule", graph: fx.Graph):
+    """The function ``recompile`` would make of ``graph``, without making it ``module``'s forward."""
+    with graph.on_generate_code(lambda earlier: _direct_lookups(module, graph, earlier)):
+        code = graph.python_code(root_module="self")
+    return fx.graph_module._forward_from_src(code.src, code.globals)
+
+
+def _forward_by_call(graph_forward, spec: _OptionalArguments):
+    """``forward`` of a copy whose model takes arguments that default to None (:func:`optional_arguments`):
+    the graph for calls that give each of them; the graph traced with every one at its default
+    for calls that leave them so; for other calls, the model's own forward under the runtime front
+    end, which rewrites the same calls as they run."""
+
+    @functools.wraps(graph_forward)
+    def forward(self, *args, **kwargs):
+        which = _graph_for_call(spec, args, kwargs)
+        if which == "given":
+            return graph_forward(self, *args, **kwargs)
+        default_graphs = self.__dict__.get("_default_graphs")
+        if which == "default" and default_graphs:
+            key = self.__dict__.get("_graph_key", "current")
+            made = self.__dict__.setdefault("_default_forwards", {})
+            if key not in made:
+                made[key] = _forward_of(self, default_graphs[key])
+            return made[key](self, *args, **kwargs)
+        mode = self.__dict__.get("_call_mode")
+        if mode is None:
+            mode = self.__dict__["_call_mode"] = LeanFunctionMode(rules_for(self._call_rules), self.rewrite_report, self)
+        return _forward_under_mode(self, mode, self._original_class.forward.__get__(self), *args, **kwargs)
+
+    return forward
+
+
+def serve_calls_by_arguments(gm: "RewrittenModule", graphs: Dict[object, fx.Graph], rules: Sequence[Rule],
+                             report: RewriteReport) -> None:
+    """Give ``gm`` the forward of :func:`_forward_by_call` where its model's forward takes arguments
+    that default to None, with the graphs traced with every optional argument at its default (keys
+    ``("default", mode)`` of ``graphs``, where :func:`_trace_modes` could trace them); say so in ``report``."""
+    original = gm._original_class
+    spec = optional_arguments(original.forward) if original is not None else ()
+    if not spec:
+        return
+    gm.__dict__["_optional_arguments"] = spec
+    gm.__dict__["_call_rules"] = tuple(r.name for r in rules)
+    default_graphs = {key[1]: g for key, g in graphs.items() if isinstance(key, tuple)}
+    if default_graphs:
+        gm.__dict__["_default_graphs"] = default_graphs
+    gm.recompile()
+    names = ", ".join(f"{name}=None" for name, _, default in spec if default is None)
+    rest = ("a call that leaves them None (and its flags at their defaults) runs a graph traced so; any other call "
+            if default_graphs else "a call that leaves one of them None ")
+    report.notes.append(
+        f"forward({names}): FX cannot see a test such as `mask is None`, so the graph was traced with these "
+        f"arguments given; {rest}runs the model's own forward under the runtime front end, which rewrites the "
+        f"same calls as they run")
 
 
 # The Module methods that register a hook run by calling the module.
@@ -682,17 +795,21 @@ class _RootUntraceable(Exception):
     pass
 
 
-def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants: Dict[str, object]) -> fx.Graph:
+def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants: Dict[str, object],
+           defaults: Optional[Dict[str, object]] = None) -> fx.Graph:
     """Trace ``root``; each module whose code cannot be traced becomes a leaf, and tracing restarts.
 
     Tensor constants the tracer stores on ``root`` move to ``constants``, renamed
     so that the graphs of several traces never share a name for different values.
+    The arguments in ``defaults`` are traced as those values (:func:`_at_defaults`).
     """
     while True:
         tracer = _LeafTracer(leaves)
         snapshot = _snapshot(root)
         try:
-            graph = tracer.trace(root)
+            graph = tracer.trace(root, defaults)
+            if defaults:
+                _at_defaults(graph, defaults)
             for node in graph.nodes:
                 # The tracer adds its constants to the root's own __dict__ only.
                 if node.op == "get_attr" and node.target in root.__dict__ and node.target not in snapshot[0][1]:
@@ -707,6 +824,24 @@ def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants
             reasons[tracer.failed_in] = _explain(_first_line(e))
         finally:
             _restore(snapshot)
+
+
+def _at_defaults(graph: fx.Graph, defaults: Dict[str, object]) -> None:
+    """Clean a graph FX traced with the arguments of ``defaults`` as constants (``concrete_args``):
+    each keeps its parameter name (FX writes ``mask_1``) and loses FX's check of its value, which
+    :func:`_forward_by_call` makes before it picks this graph."""
+    for node in reversed(list(graph.nodes)):  # a check before the comparison it reads
+        if node.op == "placeholder":
+            base = re.sub(r"_\d+$", "", str(node.target))
+            if base in defaults:
+                node.target = base
+        elif node.op == "call_function" and (
+                node.target is fx._symbolic_trace._assert_is_none
+                or (node.target is torch._assert and "has been specialized" in str(node.args[1:2]))):
+            condition = node.args[0]
+            graph.erase_node(node)
+            if isinstance(condition, fx.Node) and condition.op != "placeholder" and not condition.users:
+                graph.erase_node(condition)  # the `flag == False` FX compared
 
 
 # Attributes by which libraries switch a module's forward to activation checkpointing.
@@ -738,12 +873,15 @@ def _within(path: str, outer: str) -> bool:
     return not outer or path == outer or path.startswith(outer + ".")
 
 
-def _trace_modes(root: nn.Module, cheap: Sequence[str] = ()
+def _trace_modes(root: nn.Module, cheap: Sequence[str] = (), defaults: Optional[Dict[str, object]] = None
                  ) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
     """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants.
 
     Modules with a checkpointing flag on start as leaves (:func:`_checkpointing_modules`),
     and so do the ``cheap`` modules (:func:`cheap_modules`), which run whole again in backward.
+    With ``defaults``, the optional arguments at their defaults (:func:`optional_arguments`), each
+    mode also gets a graph traced with those values, under the key ``("default", mode)``, where FX
+    can trace that.
     """
     reasons: Dict[str, str] = _checkpointing_modules(root)
     if "" in reasons:
@@ -765,9 +903,17 @@ def _trace_modes(root: nn.Module, cheap: Sequence[str] = ()
                 else:
                     root.train(mode)
                 graphs[mode] = _trace(root, leaves, reasons, constants)
+                if defaults:
+                    try:
+                        graphs[("default", mode)] = _trace(root, leaves, reasons, constants, defaults)
+                    except _RootUntraceable:  # such calls run the model's own forward instead
+                        defaults = None
+                        graphs = {k: g for k, g in graphs.items() if not isinstance(k, tuple)}
             if len(leaves) == n_leaves:  # every mode agreed on the same leaves
                 current = graphs.pop("current") if "current" in graphs else graphs[next(iter(uniform))]
                 _check_parameters(current, type(root).forward)
+                if defaults and ("default", "current") not in graphs:
+                    graphs[("default", "current")] = graphs[("default", next(iter(uniform)))]
                 return {"current": current, **graphs}, reasons, constants
     finally:
         for m, f in flags:
