@@ -1,6 +1,7 @@
 """optimize(): every spelling found, the original untouched, structure and modes kept."""
 import copy
 import operator
+import pickle
 import warnings
 
 import pytest
@@ -612,9 +613,9 @@ def test_an_argument_left_to_its_none_default_takes_the_models_own_path():
     mask[..., 0] = True
     calls = [((x,), {}), ((x, mask), {}), ((x,), {"mask": mask}), ((x, None), {"labels": labels}),
              ((x, mask), {"labels": labels})]
-    for copy_of_lean in (lean, copy.deepcopy(lean)):
+    for copy_of_lean in (lean, copy.deepcopy(lean), pickle.loads(pickle.dumps(lean))):
         for args, kwargs in calls:
-            nets = (model, copy_of_lean)  # a deep copy has parameters of its own
+            nets = (model, copy_of_lean)  # a deep or pickled copy has parameters of its own
             (native_bytes, y0), (lean_bytes, y1) = (
                 saved_bytes(lambda: net(*args, **kwargs), exclude=net.parameters()) for net in nets)
             assert torch.equal(y1, y0), (args, kwargs)
