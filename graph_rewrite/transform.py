@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .frontends.fx import (
     RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, cheap_modules,
-    optional_arguments, serve_calls_by_arguments, trace_children, _warn_uncovered,
+    optional_arguments, serve_calls, trace_children, _warn_uncovered,
 )
 from .frontends.runtime import run_under_mode
 from .frontends.torchscript import optimize_script
@@ -68,9 +68,13 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         methods (``forward_features``, ``reset_classifier``, ...) and attributes are there and
         run the class's eager code on the copy's submodules. Its ``forward`` is the graph, in
         which FX fixed what the model's code read while tracing: only ``train()``/``eval()``
-        switch graphs, so an attribute such as timm's ``grad_checkpointing`` set on the copy
-        changes those methods but not ``lean(x)``. Pickled, it names the class by module and
-        name; where that cannot be imported, it loads (with a warning) without the methods.
+        switch graphs, and an attribute set on the copy changes those methods but not
+        ``lean(x)``. The exception is a checkpointing flag (timm's ``grad_checkpointing``, Hugging
+        Face's ``gradient_checkpointing``) switched on on the copy: ``lean(x)`` then runs the
+        model's own forward under the runtime front end, checkpointed. Arguments that default to
+        None get a graph traced with them given and one with them None. Pickled, it names the
+        class by module and name; where that cannot be imported, it loads (with a warning)
+        without the methods.
 
     Example::
 
@@ -111,7 +115,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         root.rewrite_report = report
         return root
     gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True, cheap=cheap)
-    serve_calls_by_arguments(gm, graphs, rules, report)
+    serve_calls(gm, graphs, rules, report)
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)", runtime=True)
     _warn_uncovered(report)

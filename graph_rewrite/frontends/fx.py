@@ -85,9 +85,9 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
     def recompile(self) -> "fx.graph.PythonCode":
         with self.graph.on_generate_code(lambda earlier: _direct_lookups(self, self.graph, earlier)):
             code = super().recompile()
-        spec = self.__dict__.get("_optional_arguments")
-        if spec and self._original_class is not None:
-            type(self).forward = _forward_by_call(type(self).forward, spec)
+        spec, flags = self.__dict__.get("_optional_arguments", ()), self.__dict__.get("_checkpoint_flags", ())
+        if (spec or flags) and self._original_class is not None:
+            type(self).forward = _forward_by_call(type(self).forward, spec, flags)
         # Each recompile makes a new forward function: it gets the model's signature again.
         if self._original_class is not None:
             _sign_like(type(self).forward, self._original_class.forward)
@@ -490,15 +490,22 @@ def _forward_of(module: "RewrittenModule", graph: fx.Graph):
     return fx.graph_module._forward_from_src(code.src, code.globals)
 
 
-def _forward_by_call(graph_forward, spec: _OptionalArguments):
-    """``forward`` of a copy whose model takes arguments that default to None (:func:`optional_arguments`):
-    the graph for calls that give each of them; the graph traced with every one at its default
-    for calls that leave them so; for other calls, the model's own forward under the runtime front
-    end, which rewrites the same calls as they run."""
+def _switched_on(module: nn.Module, flags: Tuple[Tuple[str, str], ...]) -> bool:
+    """Whether a checkpointing flag in ``flags`` (:func:`checkpoint_flags`) is on now."""
+    return any(getattr(module.get_submodule(path), flag, False) for path, flag in flags)
+
+
+def _forward_by_call(graph_forward, spec: _OptionalArguments, flags: Tuple[Tuple[str, str], ...] = ()):
+    """``forward`` of a copy whose model takes arguments that default to None (:func:`optional_arguments`)
+    or has checkpointing flags (:func:`checkpoint_flags`): the graph for calls that give each such
+    argument; the graph traced with every one at its default for calls that leave them so; the
+    model's own forward under the runtime front end, which rewrites the same calls as they run,
+    for other calls and once a flag is switched on (``lean.set_grad_checkpointing()``: the graph
+    cannot checkpoint, the runtime front end leaves checkpointed regions native)."""
 
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
-        which = _graph_for_call(spec, args, kwargs)
+        which = "checkpointed" if flags and _switched_on(self, flags) else _graph_for_call(spec, args, kwargs)
         if which == "given":
             return graph_forward(self, *args, **kwargs)
         default_graphs = self.__dict__.get("_default_graphs")
@@ -516,28 +523,30 @@ def _forward_by_call(graph_forward, spec: _OptionalArguments):
     return forward
 
 
-def serve_calls_by_arguments(gm: "RewrittenModule", graphs: Dict[object, fx.Graph], rules: Sequence[Rule],
-                             report: RewriteReport) -> None:
+def serve_calls(gm: "RewrittenModule", graphs: Dict[object, fx.Graph], rules: Sequence[Rule],
+                report: RewriteReport) -> None:
     """Give ``gm`` the forward of :func:`_forward_by_call` where its model's forward takes arguments
-    that default to None, with the graphs traced with every optional argument at its default (keys
-    ``("default", mode)`` of ``graphs``, where :func:`_trace_modes` could trace them); say so in ``report``."""
+    that default to None (with the graphs ``("default", mode)`` of ``graphs``, which
+    :func:`_trace_modes` traced with them at their defaults) or where its modules have
+    checkpointing flags; say so in ``report``."""
     original = gm._original_class
     spec = optional_arguments(original.forward) if original is not None else ()
-    if not spec:
+    flags = checkpoint_flags(gm)
+    if original is None or not (spec or flags):
         return
-    gm.__dict__["_optional_arguments"] = spec
-    gm.__dict__["_call_rules"] = tuple(r.name for r in rules)
     default_graphs = {key[1]: g for key, g in graphs.items() if isinstance(key, tuple)}
+    gm.__dict__.update(_optional_arguments=spec, _checkpoint_flags=flags, _call_rules=tuple(r.name for r in rules))
     if default_graphs:
         gm.__dict__["_default_graphs"] = default_graphs
     gm.recompile()
-    names = ", ".join(f"{name}=None" for name, _, default in spec if default is None)
-    rest = ("a call that leaves them None (and its flags at their defaults) runs a graph traced so; any other call "
-            if default_graphs else "a call that leaves one of them None ")
-    report.notes.append(
-        f"forward({names}): FX cannot see a test such as `mask is None`, so the graph was traced with these "
-        f"arguments given; {rest}runs the model's own forward under the runtime front end, which rewrites the "
-        f"same calls as they run")
+    if spec:
+        names = ", ".join(f"{name}=None" for name, _, default in spec if default is None)
+        rest = ("a call that leaves them None (and its flags at their defaults) runs a graph traced so; any other "
+                "call " if default_graphs else "a call that leaves one of them None ")
+        report.notes.append(
+            f"forward({names}): FX cannot see a test such as `mask is None`, so the graph was traced with these "
+            f"arguments given; {rest}runs the model's own forward under the runtime front end, which rewrites the "
+            f"same calls as they run")
 
 
 # The Module methods that register a hook run by calling the module.
@@ -846,6 +855,13 @@ def _at_defaults(graph: fx.Graph, defaults: Dict[str, object]) -> None:
 
 # Attributes by which libraries switch a module's forward to activation checkpointing.
 _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")  # timm, Hugging Face
+
+
+def checkpoint_flags(root: nn.Module) -> Tuple[Tuple[str, str], ...]:
+    """(path, flag) of each checkpointing flag in ``root``'s modules that is off (one that is on
+    makes :func:`_trace_modes` leave its module to the runtime front end)."""
+    return tuple((path, flag) for path, m in root.named_modules() for flag in _CHECKPOINT_FLAGS
+                 if getattr(m, flag, None) is False)
 
 
 def _checkpointing_modules(root: nn.Module) -> Dict[str, str]:
