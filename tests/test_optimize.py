@@ -646,3 +646,33 @@ def test_timm_vit_called_without_a_mask_runs_a_graph_traced_without_one():
         g0, g1 = (torch.autograd.grad(y.square().sum(), params) for y in ys)
         assert all(torch.equal(a, b) for a, b in zip(g1, g0)), len(args)
     assert lean.rewrite_report.replaced and not [r for r in lean.rewrite_report.replaced if r.site]
+
+
+class _ReadsKwargs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, **kwargs):
+        h = F.gelu(self.a(x))
+        if kwargs.get("mask") is not None:  # a Proxy's .get() is never None
+            h = h * kwargs["mask"]
+        return self.b(h)
+
+
+class _IgnoresKwargs(_ReadsKwargs):
+    def forward(self, x, **kwargs):
+        return self.b(F.gelu(self.a(x)))
+
+
+def test_forward_that_reads_kwargs_runs_under_the_runtime_front_end():
+    # Traced, lean(x) raised KeyError: 'mask' (the graph had taken the path of a given mask).
+    torch.manual_seed(0)
+    model, x, mask = _ReadsKwargs(), torch.randn(3, 4), torch.rand(8)
+    with pytest.warns(UserWarning, match=r"forward reads \*\*kwargs"):
+        lean = optimize(model)
+    assert not isinstance(lean, graph_rewrite.RewrittenModule)
+    assert torch.equal(lean(x), model(x)) and torch.equal(lean(x, mask=mask), model(x, mask=mask))
+    assert lean.rewrite_report.replaced  # the runtime front end rewrote the Linear after the GELU
+    unread = optimize(_IgnoresKwargs())
+    assert isinstance(unread, graph_rewrite.RewrittenModule)  # kwargs the graph never reads: still traced

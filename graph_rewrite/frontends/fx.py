@@ -315,7 +315,8 @@ def _keep_order(graph: fx.Graph, forward) -> None:
 
 def _check_parameters(graph: fx.Graph, forward) -> None:
     """Raise :class:`_RootUntraceable` unless the graph's placeholders are ``forward``'s parameters
-    (what :class:`_OriginalOrder` needs to write them back as ``forward`` takes them)."""
+    (what :class:`_OriginalOrder` needs to write them back as ``forward`` takes them) and the
+    graph leaves ``**kwargs`` unread."""
     try:
         names = list(inspect.signature(forward).parameters)[1:]
     except (TypeError, ValueError):
@@ -324,6 +325,10 @@ def _check_parameters(graph: fx.Graph, forward) -> None:
     if sorted(placeholders) != sorted(names):
         raise _RootUntraceable(f"FX's inputs {placeholders} are not forward's parameters {names}: "
                                "the graph would bind arguments otherwise")
+    read = [str(n.target) for n in graph.nodes if n.op == "placeholder" and str(n.target).startswith("**") and n.users]
+    if read:
+        raise _RootUntraceable(f"forward reads {read[0]}: FX stands one Proxy for the whole dict, whose .get(name) "
+                               "is never None, so the graph would take the path of an argument given")
 
 
 def _same_default(a: object, b: object) -> bool:
