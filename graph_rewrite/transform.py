@@ -102,7 +102,15 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
             raise _RootUntraceable("forward is overridden on the instance; FX would trace the class's forward")
         cheap = cheap_modules(root, rules)
         defaults = {name: default for name, _, default in optional_arguments(type(model).forward)}
-        graphs, reasons, constants = _trace_modes(root, list(cheap), defaults)
+        try:
+            graphs, reasons, constants = _trace_modes(root, list(cheap), defaults)
+            untraced = None
+        except _RootUntraceable as e:
+            if not defaults:
+                raise
+            # The path of given arguments does not trace (`if flag:` on a Proxy); the defaults' may.
+            graphs, reasons, constants = _trace_modes(root, list(cheap), defaults, defaults_only=True)
+            untraced = str(e)
     except _RootUntraceable as e:
         # FX cannot trace the model's own forward: submodules FX can trace on their own
         # get graphs, and the copy's forward runs under the runtime front end, which
@@ -115,7 +123,7 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         root.rewrite_report = report
         return root
     gm = _rewrite_and_build(root, graphs, reasons, constants, rules, report, keep_class=True, cheap=cheap)
-    serve_calls(gm, graphs, rules, report)
+    serve_calls(gm, type(model).forward, graphs, rules, report, untraced)
     if reasons:
         _note_fx_only(report, rules, "the runtime front end (modules FX could not trace)", runtime=True)
     _warn_uncovered(report)

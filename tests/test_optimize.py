@@ -676,3 +676,33 @@ def test_forward_that_reads_kwargs_runs_under_the_runtime_front_end():
     assert lean.rewrite_report.replaced  # the runtime front end rewrote the Linear after the GELU
     unread = optimize(_IgnoresKwargs())
     assert isinstance(unread, graph_rewrite.RewrittenModule)  # kwargs the graph never reads: still traced
+
+
+class _Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x, return_features: bool = False):
+        h = self.fc2(F.gelu(self.fc1(x)))
+        if return_features:  # `if` on a Proxy stops a trace; on the default False it does not
+            return h
+        return self.head(F.silu(h))
+
+
+def test_a_flag_tested_with_if_gets_a_graph_for_its_default():
+    # The path of a given flag cannot be traced; the copy had run all of its calls under the
+    # runtime front end. Now lean(x) runs a graph traced with the flag False, and
+    # lean(x, return_features=True) the model's own forward under the runtime front end.
+    torch.manual_seed(0)
+    model, x = _Flagged(), torch.randn(4, 8)
+    lean = optimize(model)
+    assert isinstance(lean, graph_rewrite.RewrittenModule)
+    assert any("return_features=False" in note for note in lean.rewrite_report.notes)
+    params = list(model.parameters())
+    for kwargs in ({}, {"return_features": False}, {"return_features": True}):
+        ys = [net(x, **kwargs) for net in (model, lean)]
+        assert torch.equal(ys[1], ys[0]), kwargs
+        g0, g1 = (torch.autograd.grad(y.square().sum(), params, allow_unused=True) for y in ys)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g0)), kwargs
+        assert bool([r for r in lean.rewrite_report.replaced if r.site]) == bool(kwargs.get("return_features"))

@@ -85,9 +85,8 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
     def recompile(self) -> "fx.graph.PythonCode":
         with self.graph.on_generate_code(lambda earlier: _direct_lookups(self, self.graph, earlier)):
             code = super().recompile()
-        spec, flags = self.__dict__.get("_optional_arguments", ()), self.__dict__.get("_checkpoint_flags", ())
-        if (spec or flags) and self._original_class is not None:
-            type(self).forward = _forward_by_call(type(self).forward, spec, flags)
+        if "_call_rules" in self.__dict__:  # set by serve_calls
+            type(self).forward = _forward_by_call(type(self).forward, self._optional_arguments, self._checkpoint_flags)
         # Each recompile makes a new forward function: it gets the model's signature again.
         if self._original_class is not None:
             _sign_like(type(self).forward, self._original_class.forward)
@@ -451,14 +450,13 @@ _OptionalArguments = Tuple[Tuple[str, Optional[int], object], ...]  # (name, pos
 
 def optional_arguments(forward) -> _OptionalArguments:
     """(name, position, default) of each parameter of ``forward`` (a function with ``self``) that
-    defaults to None or to a bool, position None for a keyword-only one; () where none defaults
-    to None.
+    defaults to None or to a bool, position None for a keyword-only one.
 
     FX traces such a parameter as a Proxy, and ``mask is None`` of a Proxy is False without FX
     seeing the test: the graph is the code's path for a given value. For a call that leaves it
-    None it may be another path (a mask applied to nothing, a loss on no labels). The flags come
-    along because the path for None often tests one (timm's ViT: ``attn_mask is not None or
-    is_causal``), and ``if`` on a Proxy stops a trace.
+    None it may be another path (a mask applied to nothing, a loss on no labels). A flag tested
+    with ``if`` stops a trace with a Proxy; at its default it does not (timm's ViT tests
+    ``attn_mask is not None or is_causal``).
 
     >>> optional_arguments(lambda self, x, mask=None, *, causal=False: x)
     (('mask', 1, None), ('causal', None, False))
@@ -468,23 +466,21 @@ def optional_arguments(forward) -> _OptionalArguments:
     except (TypeError, ValueError):
         return ()
     P = inspect.Parameter
-    found = tuple((p.name, i if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) else None, p.default)
-                  for i, p in enumerate(params)
-                  if (p.default is None or type(p.default) is bool) and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD))
-    return found if any(default is None for _, _, default in found) else ()
+    return tuple((p.name, i if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) else None, p.default)
+                 for i, p in enumerate(params)
+                 if (p.default is None or type(p.default) is bool) and p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD))
 
 
-def _graph_for_call(spec: _OptionalArguments, args: tuple, kwargs: dict) -> Optional[str]:
-    """Which graph serves a call: ``"given"`` where it gives every argument of ``spec``
-    (:func:`optional_arguments`) that defaults to None, ``"default"`` where it leaves every one
-    at its default, None otherwise."""
-    given = default = True
-    for name, position, value_by_default in spec:
-        value = args[position] if position is not None and position < len(args) else kwargs.get(name, value_by_default)
-        if value_by_default is None:
+def _call_kind(spec: _OptionalArguments, args: tuple, kwargs: dict) -> Tuple[bool, bool]:
+    """(given, at defaults) of a call: whether it gives every argument of ``spec``
+    (:func:`optional_arguments`) that defaults to None, and whether it leaves every one at its default."""
+    given = at_defaults = True
+    for name, position, default in spec:
+        value = args[position] if position is not None and position < len(args) else kwargs.get(name, default)
+        if default is None:
             given = given and value is not None
-        default = default and (value is value_by_default or (type(value) is bool and value == value_by_default))
-    return "given" if given else "default" if default else None
+        at_defaults = at_defaults and (value is default or (type(value) is bool and value == default))
+    return given, at_defaults
 
 
 @torch.compiler.disable  # code generation, once per graph: under torch.compile it ran as traced frames, recompiled per name
@@ -501,57 +497,74 @@ def _switched_on(module: nn.Module, flags: Tuple[Tuple[str, str], ...]) -> bool:
 
 
 def _forward_by_call(graph_forward, spec: _OptionalArguments, flags: Tuple[Tuple[str, str], ...] = ()):
-    """``forward`` of a copy whose model takes arguments that default to None (:func:`optional_arguments`)
-    or has checkpointing flags (:func:`checkpoint_flags`): the graph for calls that give each such
-    argument; the graph traced with every one at its default for calls that leave them so; the
-    model's own forward under the runtime front end, which rewrites the same calls as they run,
-    for other calls and once a flag is switched on (``lean.set_grad_checkpointing()``: the graph
-    cannot checkpoint, the runtime front end leaves checkpointed regions native)."""
+    """``forward`` of a copy whose model takes optional arguments (:func:`optional_arguments`) or has
+    checkpointing flags (:func:`checkpoint_flags`). The graph serves calls that give every argument
+    that defaults to None, or, where only the defaults' path traced (``_graph_serves`` is
+    ``"default"``), calls that leave every optional argument at its default; a second graph traced
+    at the defaults (``_default_graphs``) serves those. The model's own forward under the runtime
+    front end, which rewrites the same calls as they run, serves other calls, and every call
+    once a flag is switched on (``lean.set_grad_checkpointing()``: the graph cannot checkpoint,
+    the runtime front end leaves checkpointed regions native)."""
 
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
-        which = "checkpointed" if flags and _switched_on(self, flags) else _graph_for_call(spec, args, kwargs)
-        if which == "given":
-            return graph_forward(self, *args, **kwargs)
-        default_graphs = self.__dict__.get("_default_graphs")
-        if which == "default" and default_graphs:
-            key = self.__dict__.get("_graph_key", "current")
-            made = self.__dict__.setdefault("_default_forwards", {})
-            if key not in made:
-                made[key] = _forward_of(self, default_graphs[key])
-            return made[key](self, *args, **kwargs)
+        if not (flags and _switched_on(self, flags)):
+            given, at_defaults = _call_kind(spec, args, kwargs)
+            if self.__dict__.get("_graph_serves") == "default":
+                if at_defaults:
+                    return graph_forward(self, *args, **kwargs)
+            elif given:
+                return graph_forward(self, *args, **kwargs)
+            elif at_defaults and "_default_graphs" in self.__dict__:
+                key = self.__dict__.get("_graph_key", "current")
+                made = self.__dict__.setdefault("_default_forwards", {})
+                if key not in made:
+                    made[key] = _forward_of(self, self._default_graphs[key])
+                return made[key](self, *args, **kwargs)
         mode = self.__dict__.get("_call_mode")
         if mode is None:
             mode = self.__dict__["_call_mode"] = LeanFunctionMode(rules_for(self._call_rules), self.rewrite_report, self)
-        return _forward_under_mode(self, mode, self._original_class.forward.__get__(self), *args, **kwargs)
+        own = self._original_class.forward if self._original_class is not None else self._model_forward
+        return _forward_under_mode(self, mode, own.__get__(self), *args, **kwargs)
 
     return forward
 
 
-def serve_calls(gm: "RewrittenModule", graphs: Dict[object, fx.Graph], rules: Sequence[Rule],
-                report: RewriteReport) -> None:
+def serve_calls(gm: "RewrittenModule", model_forward, graphs: Dict[object, fx.Graph], rules: Sequence[Rule],
+                report: RewriteReport, untraced: Optional[str] = None) -> None:
     """Give ``gm`` the forward of :func:`_forward_by_call` where its model's forward takes arguments
     that default to None (with the graphs ``("default", mode)`` of ``graphs``, which
-    :func:`_trace_modes` traced with them at their defaults) or where its modules have
-    checkpointing flags; say so in ``report``."""
-    original = gm._original_class
-    spec = optional_arguments(original.forward) if original is not None else ()
+    :func:`_trace_modes` traced with them at their defaults), where its modules have checkpointing
+    flags, or where ``gm``'s graphs were traced at the defaults only, as the path of given
+    arguments did not trace (``untraced`` says why); say so in ``report``. ``model_forward`` is the
+    model's class's ``forward``, which the other calls run."""
+    spec = optional_arguments(model_forward)
     flags = checkpoint_flags(gm)
-    if original is None or not (spec or flags):
+    nones = [name for name, _, default in spec if default is None]
+    if not (nones or flags or untraced):
         return
     default_graphs = {key[1]: g for key, g in graphs.items() if isinstance(key, tuple)}
     gm.__dict__.update(_optional_arguments=spec, _checkpoint_flags=flags, _call_rules=tuple(r.name for r in rules))
+    if gm._original_class is None:  # not an instance of the model's class (the note says why)
+        gm.__dict__["_model_forward"] = model_forward
     if default_graphs:
         gm.__dict__["_default_graphs"] = default_graphs
+    if untraced:
+        gm.__dict__["_graph_serves"] = "default"
     gm.recompile()
-    if spec:
-        names = ", ".join(f"{name}=None" for name, _, default in spec if default is None)
+    arguments = ", ".join(f"{name}={default}" for name, _, default in spec)
+    if untraced:
+        report.notes.append(
+            f"forward({arguments}): FX could not trace the path of other values ({untraced}), so the graph was "
+            f"traced with these defaults and serves calls that leave them so; any other call runs the model's own "
+            f"forward under the runtime front end, which rewrites the same calls as they run")
+    elif nones:
         rest = ("a call that leaves them None (and its flags at their defaults) runs a graph traced so; any other "
                 "call " if default_graphs else "a call that leaves one of them None ")
         report.notes.append(
-            f"forward({names}): FX cannot see a test such as `mask is None`, so the graph was traced with these "
-            f"arguments given; {rest}runs the model's own forward under the runtime front end, which rewrites the "
-            f"same calls as they run")
+            f"forward({', '.join(n + '=None' for n in nones)}): FX cannot see a test such as `mask is None`, so the "
+            f"graph was traced with these arguments given; {rest}runs the model's own forward under the runtime "
+            f"front end, which rewrites the same calls as they run")
 
 
 # The Module methods that register a hook run by calling the module.
@@ -894,15 +907,15 @@ def _within(path: str, outer: str) -> bool:
     return not outer or path == outer or path.startswith(outer + ".")
 
 
-def _trace_modes(root: nn.Module, cheap: Sequence[str] = (), defaults: Optional[Dict[str, object]] = None
-                 ) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
+def _trace_modes(root: nn.Module, cheap: Sequence[str] = (), defaults: Optional[Dict[str, object]] = None,
+                 defaults_only: bool = False) -> Tuple[Dict[object, fx.Graph], Dict[str, str], Dict[str, object]]:
     """Graphs for the current train/eval flags, all-train and all-eval; the leaves' reasons; constants.
 
     Modules with a checkpointing flag on start as leaves (:func:`_checkpointing_modules`),
     and so do the ``cheap`` modules (:func:`cheap_modules`), which run whole again in backward.
     With ``defaults``, the optional arguments at their defaults (:func:`optional_arguments`), each
     mode also gets a graph traced with those values, under the key ``("default", mode)``, where FX
-    can trace that.
+    can trace that; with ``defaults_only`` that is each mode's only graph.
     """
     reasons: Dict[str, str] = _checkpointing_modules(root)
     if "" in reasons:
@@ -923,8 +936,8 @@ def _trace_modes(root: nn.Module, cheap: Sequence[str] = (), defaults: Optional[
                         m.training = f
                 else:
                     root.train(mode)
-                graphs[mode] = _trace(root, leaves, reasons, constants)
-                if defaults:
+                graphs[mode] = _trace(root, leaves, reasons, constants, defaults if defaults_only else None)
+                if defaults and not defaults_only:
                     try:
                         graphs[("default", mode)] = _trace(root, leaves, reasons, constants, defaults)
                     except _RootUntraceable:  # such calls run the model's own forward instead
@@ -933,7 +946,7 @@ def _trace_modes(root: nn.Module, cheap: Sequence[str] = (), defaults: Optional[
             if len(leaves) == n_leaves:  # every mode agreed on the same leaves
                 current = graphs.pop("current") if "current" in graphs else graphs[next(iter(uniform))]
                 _check_parameters(current, type(root).forward)
-                if defaults and ("default", "current") not in graphs:
+                if defaults and not defaults_only and ("default", "current") not in graphs:
                     graphs[("default", "current")] = graphs[("default", next(iter(uniform)))]
                 return {"current": current, **graphs}, reasons, constants
     finally:
