@@ -109,7 +109,10 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
             if not defaults:
                 raise
             # The path of given arguments does not trace (`if flag:` on a Proxy); the defaults' may.
-            graphs, reasons, constants = _trace_modes(root, list(cheap), defaults, defaults_only=True)
+            try:
+                graphs, reasons, constants = _trace_modes(root, list(cheap), defaults, defaults_only=True)
+            except _RootUntraceable:
+                raise e from None  # the first reason: the code's, not the defaults'
             untraced = str(e)
     except _RootUntraceable as e:
         # FX cannot trace the model's own forward: submodules FX can trace on their own

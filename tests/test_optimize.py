@@ -706,3 +706,24 @@ def test_a_flag_tested_with_if_gets_a_graph_for_its_default():
         g0, g1 = (torch.autograd.grad(y.square().sum(), params, allow_unused=True) for y in ys)
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g0)), kwargs
         assert bool([r for r in lean.rewrite_report.replaced if r.site]) == bool(kwargs.get("return_features"))
+    # torch.export runs a GraphModule's graph, not its forward: FX's check of the flag stays in it.
+    exported = torch.export.export(lean, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    with pytest.raises(AssertionError, match="return_features has been specialized"):
+        torch.export.export(lean, (x,), {"return_features": True})
+    with pytest.raises(TypeError, match="picks its graph by the arguments"):
+        torch.jit.script(lean)  # it would compile the defaults' graph alone
+
+
+def test_export_of_a_copy_with_optional_arguments_says_which_graph_it_runs():
+    # torch.export runs a GraphModule's graph, not its forward: given a call without the mask,
+    # the graph traced with one fails at its check instead of at masked_fill (or somewhere worse).
+    torch.manual_seed(0)
+    model = _OptionalArguments()
+    lean = optimize(model)
+    x, mask = torch.randn(2, 6, 16), torch.rand(2, 6, 6) > 0.4
+    mask[..., 0] = True
+    exported = torch.export.export(lean, (x, mask), {"labels": torch.randint(0, 5, (2, 6))})
+    assert exported.module() is not None
+    with pytest.raises(AssertionError, match="mask was given when this graph was traced"):
+        torch.export.export(lean, (x,))

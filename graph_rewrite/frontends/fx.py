@@ -11,7 +11,7 @@ import re
 import sys
 import types
 import warnings
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,14 @@ class RewrittenModule(fx.GraphModule, _InitAsModule):
             raise RuntimeError(missing) from e
 
     def __prepare_scriptable__(self) -> "RewrittenModule":
+        optional = self.__dict__.get("_optional_arguments", ())
+        if self.__dict__.get("_graph_serves") or any(default is None for _, _, default in optional):
+            # serve_calls: the graph that runs depends on the call's arguments, some calls the runtime front end
+            raise TypeError(
+                "graph_rewrite: this copy picks its graph by the arguments of each call (arguments that default "
+                "to None, or a flag whose other values FX could not trace) and runs some calls under the runtime "
+                "front end, which TorchScript cannot compile. Script the original model and pass the ScriptModule "
+                "to graph_rewrite.optimize().")
         # TorchScript compiles forward's source and has no `_modules`: it gets a twin whose code
         # spells each path FX's way. Same submodules, parameters and buffers; this copy is unchanged.
         twin = RewrittenModule.__new__(type(self))
@@ -551,6 +559,9 @@ def serve_calls(gm: "RewrittenModule", model_forward, graphs: Dict[object, fx.Gr
         gm.__dict__["_default_graphs"] = default_graphs
     if untraced:
         gm.__dict__["_graph_serves"] = "default"
+    elif nones:
+        for graph in {id(g): g for key, g in graphs.items() if not isinstance(key, tuple)}.values():
+            _check_given(graph, nones)
     gm.recompile()
     arguments = ", ".join(f"{name}={default}" for name, _, default in spec)
     if untraced:
@@ -853,22 +864,49 @@ def _trace(root: nn.Module, leaves: Set[str], reasons: Dict[str, str], constants
             _restore(snapshot)
 
 
+def expect_none(value: Any, message: str) -> None:
+    """FX's ``_assert_is_none``, as a function whose graph code loads again from a pickle (FX's
+    own is written by a dotted name its unpickling cannot find)."""
+    if value is not None:
+        raise AssertionError(message)
+
+
+def expect_given(value: Any, message: str) -> None:
+    """The check that an argument traced as given is not None, at the top of such a graph."""
+    if value is None:
+        raise AssertionError(message)
+
+
+torch.fx.wrap("expect_none")  # calls in a graph, not traced into
+torch.fx.wrap("expect_given")
+
+
+def _check_given(graph: fx.Graph, names: Sequence[str]) -> None:
+    """Put :func:`expect_given` of each argument in ``names`` after ``graph``'s placeholders: run
+    otherwise than through :func:`_forward_by_call` (``torch.export`` runs the graph), the graph
+    traced with them given raises for None instead of taking the given path."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        for node in reversed([n for n in placeholders if str(n.target) in names]):
+            check = graph.call_function(expect_given, (node, f"{node.target} was given when this graph was traced: "
+                                                               "call the optimized copy, which picks the graph for None"))
+            check.meta["is_wrapped"] = True
+
+
 def _at_defaults(graph: fx.Graph, defaults: Dict[str, object]) -> None:
-    """Clean a graph FX traced with the arguments of ``defaults`` as constants (``concrete_args``):
-    each keeps its parameter name (FX writes ``mask_1``) and loses FX's check of its value, which
-    :func:`_forward_by_call` makes before it picks this graph."""
-    for node in reversed(list(graph.nodes)):  # a check before the comparison it reads
+    """Give the placeholders of a graph FX traced with ``defaults`` as constants (``concrete_args``)
+    their parameter names back (FX writes ``mask_1``). FX's checks of their values stay (as
+    :func:`expect_none` for None): run otherwise than through :func:`_forward_by_call`
+    (``torch.export`` runs a GraphModule's graph, not its forward; TorchScript compiles it), the
+    graph raises for another value instead of taking the defaults' path."""
+    for node in graph.nodes:
         if node.op == "placeholder":
             base = re.sub(r"_\d+$", "", str(node.target))
             if base in defaults:
                 node.target = base
-        elif node.op == "call_function" and (
-                node.target is fx._symbolic_trace._assert_is_none
-                or (node.target is torch._assert and "has been specialized" in str(node.args[1:2]))):
-            condition = node.args[0]
-            graph.erase_node(node)
-            if isinstance(condition, fx.Node) and condition.op != "placeholder" and not condition.users:
-                graph.erase_node(condition)  # the `flag == False` FX compared
+        elif node.op == "call_function" and node.target is fx._symbolic_trace._assert_is_none:
+            node.target = expect_none
+            node.meta["is_wrapped"] = True  # the code then says wrap(...), so a trace of it keeps the call
 
 
 # Attributes by which libraries switch a module's forward to activation checkpointing.
