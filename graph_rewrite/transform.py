@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 from .frontends.fx import (
-    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, cheap_modules,
-    optional_arguments, serve_calls, trace_children, _warn_uncovered,
+    RewrittenModule, _clone_tree, _rewrite_and_build, _RootUntraceable, _trace_modes, cheap_modules, trace_children,
+    _warn_uncovered,
 )
+from .frontends.fx_calls import optional_arguments, serve_calls
 from .frontends.runtime import run_under_mode
 from .frontends.torchscript import optimize_script
 from .report import RewriteReport, Uncovered
