@@ -727,3 +727,51 @@ def test_export_of_a_copy_with_optional_arguments_says_which_graph_it_runs():
     assert exported.module() is not None
     with pytest.raises(AssertionError, match="mask was given when this graph was traced"):
         torch.export.export(lean, (x,))
+
+
+class _ScaledByArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x, scale: float = 1.0):
+        h = F.silu(self.a(x)) * scale  # FX cannot tell the number from a tensor
+        return self.b(h), h * scale
+
+
+def test_an_activation_times_a_number_argument_stays_exact():
+    # The recompute rules took `scale` for a tensor: lean(x) raised "Expected a value of type
+    # 'Tensor' for argument 'other'" (and 'Optional[Tensor]' for the Linear's gate).
+    torch.manual_seed(0)
+    model = _ScaledByArgument()
+    lean = optimize(model)
+    x = torch.randn(4, 8)
+    params = list(model.parameters())
+    for args in ((x,), (x, 2.5), (x, 3), (x, torch.tensor(0.5))):
+        ys = [net(*args) for net in (model, lean)]
+        assert all(torch.equal(a, b) for a, b in zip(ys[1], ys[0])), args
+        g0, g1 = (torch.autograd.grad(sum(t.square().sum() for t in y), params) for y in ys)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g0)), args
+
+
+class _TakesMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x, mode: str = "gelu"):
+        h = self.a(x)
+        return self.b(F.gelu(h) if mode == "gelu" else F.silu(h))  # a branch on a string: not traced
+
+
+def test_runtime_front_end_passes_keyword_arguments_named_like_its_own():
+    # The runtime front end's forward took (module, mode, inner, *args, **kwargs): a model's own
+    # mode= keyword raised "got multiple values for argument 'mode'".
+    torch.manual_seed(0)
+    model = _TakesMode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lean = optimize(model)
+    x = torch.randn(4, 8)
+    for kwargs in ({}, {"mode": "gelu"}, {"mode": "silu"}):
+        assert torch.equal(lean(x, **kwargs), model(x, **kwargs)), kwargs

@@ -611,7 +611,7 @@ class LeanFunctionMode(TorchFunctionMode):
 # (tiny HF LLaMA, CPU: 3.0x native's step). Not traced, the module runs eagerly, as under optimize()
 # alone; `backend="graph_rewrite"` is the compiled path for such models.
 @torch.compiler.disable
-def _forward_under_mode(module: nn.Module, mode: LeanFunctionMode, inner: Any, *args, **kwargs):
+def _forward_under_mode(module: nn.Module, mode: LeanFunctionMode, inner: Any, /, *args, **kwargs):
     """``forward`` of a module that runs its own code under ``mode`` while autograd records.
 
     Set on the optimized copy's instance as a ``functools.partial`` (never on the class,

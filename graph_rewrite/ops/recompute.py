@@ -340,6 +340,20 @@ _define("recompute_linear(Tensor x, Tensor h, str act, Tensor weight, Tensor? bi
         "Tensor? gate=None, float act_arg=0.0, int[] norm_shape=[], Tensor? norm_weight=None, "
         "Tensor? norm_bias=None, bool addmm=False) -> Tensor",
         _linear_kernel, _linear_kernel, _RecomputeLinear, needs_graph=_any_requires_grad, under_autocast=_linear_autocast)
+# FX cannot tell a tensor argument from a number: `linear(act(h) * scale)` with a float scale
+# (forward(x, scale: float = 1.0)) takes this overload, native's linear on h (see recompute_mul.Scalar).
+_lib.define("recompute_linear.ScalarGate(Tensor x, Tensor h, str act, Tensor weight, Tensor? bias=None, "
+            "Scalar gate=1, float act_arg=0.0, int[] norm_shape=[], Tensor? norm_weight=None, "
+            "Tensor? norm_bias=None, bool addmm=False) -> Tensor")
+
+
+def _linear_scalar_gate(x: Tensor, h: Tensor, act: str, weight: Tensor, bias: Optional[Tensor] = None, gate=1,
+                        act_arg: float = 0.0, norm_shape: Sequence[int] = (), norm_weight: Optional[Tensor] = None,
+                        norm_bias: Optional[Tensor] = None, addmm: bool = False) -> Tensor:
+    return _linear_kernel(x, h, act, weight, bias, addmm=addmm)
+
+
+_lib.impl("recompute_linear.ScalarGate", _linear_scalar_gate, "CompositeImplicitAutograd")
 
 
 # --------------------------------------------------------------------------- convolution
@@ -454,6 +468,11 @@ def _mul_autocast(x, h, act, other, act_arg=0.0):
 
 _define("recompute_mul(Tensor x, Tensor h, str act, Tensor other, float act_arg=0.0) -> Tensor",
         _mul_kernel, _mul_kernel, _RecomputeMul, needs_graph=_any_requires_grad, under_autocast=_mul_autocast)
+# FX cannot tell a tensor argument from a number (forward(x, scale: float = 1.0)): the rewrite of
+# `act(h) * scale` calls the op either way, and a number takes this overload, native's mul, which
+# keeps nothing for backward anyway.
+_lib.define("recompute_mul.Scalar(Tensor x, Tensor h, str act, Scalar other, float act_arg=0.0) -> Tensor")
+_lib.impl("recompute_mul.Scalar", lambda x, h, act, other, act_arg=0.0: torch.mul(h, other), "CompositeImplicitAutograd")
 
 
 # --------------------------------------------------------------------------- norm -> activation
