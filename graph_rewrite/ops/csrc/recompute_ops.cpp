@@ -598,7 +598,10 @@ at::Tensor recompute_linear(const at::Tensor& x, const at::Tensor& h, c10::strin
   const at::Tensor b = value(bias), g = value(gate);
   if (!act_served(act, act_arg) || !norm_shape.empty() || value(norm_weight).defined() ||
       value(norm_bias).defined() || !floating(h) || !all_plain({&x, &h, &weight, &b, &g}) ||
-      (!g.defined() && made_in_python(h))) {
+      (!g.defined() && made_in_python(h)) ||
+      // at::linear called here on a strided 3-D h (a transposed activation) rounds otherwise than
+      // the same call from Python: the Python kernel gives native's bits.
+      (!addmm && h.dim() > 2 && !h.is_contiguous())) {
     static auto python = twin<LinearSig>("graph_rewrite::_recompute_linear_python");
     return python.call(x, h, act_name, weight, bias, gate, act_arg, norm_shape, norm_weight, norm_bias, addmm);
   }
