@@ -182,18 +182,24 @@ def test_recompute_consumer_keeps_x_not_h():
     assert x.data_ptr() in ptrs and h.data_ptr() not in ptrs
 
 
-@pytest.mark.parametrize("call", ["linear", "linear_layer_norm", "conv", "mul", "hardtanh", "leaky_relu"])
+@pytest.mark.parametrize("call", ["linear", "linear_layer_norm", "linear_number_gate", "conv", "mul", "mul_number",
+                                  "hardtanh", "leaky_relu"])
 def test_opcheck(call):
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     lw, lb = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
     args = {
-        "linear": (lean.recompute_linear, (x, F.silu(x).detach(), "silu", torch.randn(4, 5, requires_grad=True), None)),
-        "linear_layer_norm": (lean.recompute_linear, (x, F.layer_norm(x, [5], lw, lb).detach(), "layer_norm",
+        # opcheck takes one overload: the ops with a number overload are named by overload.
+        "linear": (lean.recompute_linear.default, (x, F.silu(x).detach(), "silu", torch.randn(4, 5, requires_grad=True),
+                                                   None)),
+        "linear_number_gate": (lean.recompute_linear.ScalarGate, (x, F.silu(x).detach(), "silu",
+                                                                  torch.randn(4, 5, requires_grad=True), None, 2.0)),
+        "linear_layer_norm": (lean.recompute_linear.default, (x, F.layer_norm(x, [5], lw, lb).detach(), "layer_norm",
                                                       torch.randn(4, 5, requires_grad=True), None, None, 1e-5, [5],
                                                       lw, lb)),
         "conv": (lean.recompute_conv, (x, F.silu(x).detach(), "silu", w, None, [1, 1], [0, 0], [1, 1], 1)),
-        "mul": (lean.recompute_mul, (x, F.silu(x).detach(), "silu", torch.randn(2, 3, 1, 1, requires_grad=True))),
+        "mul": (lean.recompute_mul.default, (x, F.silu(x).detach(), "silu", torch.randn(2, 3, 1, 1, requires_grad=True))),
+        "mul_number": (lean.recompute_mul.Scalar, (x, F.silu(x).detach(), "silu", 2.5)),
         "hardtanh": (lean.hardtanh, (x, 0.0, 6.0)),
         "leaky_relu": (lean.leaky_relu, (x, 0.1)),
     }[call]
