@@ -570,6 +570,16 @@ def test_a_branch_on_torch_is_tensor_of_an_argument_is_not_traced_away():
     assert torch.equal(opt(x, 2.0), model(x, 2.0))
 
 
+def _assert_same_step(model, lean, *args, **kwargs):
+    """The call gives native's outputs and parameter gradients, bit for bit (None where unused)."""
+    ys = [net(*args, **kwargs) for net in (model, lean)]
+    outs = [y if isinstance(y, tuple) else (y,) for y in ys]
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[0])), (args, kwargs)
+    params = list(model.parameters())
+    g0, g1 = (torch.autograd.grad(sum(t.square().sum() for t in out), params, allow_unused=True) for out in outs)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g0)), (args, kwargs)
+
+
 class _MaskedBlock(nn.Module):
     def __init__(self, d=16):
         super().__init__()
@@ -639,12 +649,8 @@ def test_timm_vit_called_without_a_mask_runs_a_graph_traced_without_one():
     x = torch.randn(2, 3, 32, 32)
     mask = torch.rand(2, 1, 17, 17) > 0.3
     mask[..., 0] = True
-    params = list(model.parameters())
     for args in ((x,), (x, mask)):
-        ys = [net(*args) for net in (model, lean)]
-        assert torch.equal(ys[1], ys[0]), len(args)
-        g0, g1 = (torch.autograd.grad(y.square().sum(), params) for y in ys)
-        assert all(torch.equal(a, b) for a, b in zip(g1, g0)), len(args)
+        _assert_same_step(model, lean, *args)
     assert lean.rewrite_report.replaced and not [r for r in lean.rewrite_report.replaced if r.site]
 
 
@@ -699,12 +705,8 @@ def test_a_flag_tested_with_if_gets_a_graph_for_its_default():
     lean = optimize(model)
     assert isinstance(lean, graph_rewrite.RewrittenModule)
     assert any("return_features=False" in note for note in lean.rewrite_report.notes)
-    params = list(model.parameters())
     for kwargs in ({}, {"return_features": False}, {"return_features": True}):
-        ys = [net(x, **kwargs) for net in (model, lean)]
-        assert torch.equal(ys[1], ys[0]), kwargs
-        g0, g1 = (torch.autograd.grad(y.square().sum(), params, allow_unused=True) for y in ys)
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g0)), kwargs
+        _assert_same_step(model, lean, x, **kwargs)
         assert bool([r for r in lean.rewrite_report.replaced if r.site]) == bool(kwargs.get("return_features"))
     # torch.export runs a GraphModule's graph, not its forward: FX's check of the flag stays in it.
     exported = torch.export.export(lean, (x,))
@@ -746,12 +748,8 @@ def test_an_activation_times_a_number_argument_stays_exact():
     model = _ScaledByArgument()
     lean = optimize(model)
     x = torch.randn(4, 8)
-    params = list(model.parameters())
     for args in ((x,), (x, 2.5), (x, 3), (x, torch.tensor(0.5))):
-        ys = [net(*args) for net in (model, lean)]
-        assert all(torch.equal(a, b) for a, b in zip(ys[1], ys[0])), args
-        g0, g1 = (torch.autograd.grad(sum(t.square().sum() for t in y), params) for y in ys)
-        assert all(torch.equal(a, b) for a, b in zip(g1, g0)), args
+        _assert_same_step(model, lean, *args)
 
 
 class _TakesMode(nn.Module):
