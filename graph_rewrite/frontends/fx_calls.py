@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .fx import RewrittenModule
 
 
-# What a copy makes for itself on the first call that leaves an optional argument None (the
+# What a copy makes for itself on the first call its given-arguments graph does not serve (the
 # runtime mode, owned by the copy; the default graphs' compiled forwards): never copied or pickled.
 MADE_ON_CALL = ("_call_mode", "_default_forwards")
 
