@@ -104,7 +104,9 @@ def optimize(model: nn.Module, *, ops: Optional[Sequence[str]] = None) -> nn.Mod
         cheap = cheap_modules(root, rules)
         defaults = {name: default for name, _, default in optional_arguments(type(model).forward)}
         try:
-            graphs, reasons, constants = _trace_modes(root, list(cheap), defaults)
+            # A second graph at the defaults serves only a model with arguments that default to None.
+            with_none = defaults if any(v is None for v in defaults.values()) else None
+            graphs, reasons, constants = _trace_modes(root, list(cheap), with_none)
             untraced = None
         except _RootUntraceable as e:
             if not defaults:
